@@ -1,0 +1,11 @@
+"""qtransformers: pretrain transformers that quantize well, and measure how well they quantize.
+
+Implements Bondarenko, Nagel, Blankevoort (NeurIPS 2023), "Quantizable Transformers: Removing
+Outliers by Helping Attention Heads Do Nothing": clipped softmax and gated attention.
+"""
+from qtransformers.models import (BertForMaskedLM, ModelConfig, OptForCausalLM,
+                                  VitForImageClassification, build_model, get_model_config)
+from qtransformers.nn import Attention, AttentionGate, NnxAttention, QuantPoint
+from qtransformers.ops import (attention_fn, clipped_softmax, gamma_from_alpha, softmax1)
+
+__version__ = "0.1.0"

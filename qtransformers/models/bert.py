@@ -1,0 +1,69 @@
+"""BERT for masked language modelling (post-LN, exact GELU; HuggingFace BertForMaskedLM layout)."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qtransformers.models.block import Encoder
+from qtransformers.models.config import ModelConfig
+from qtransformers.nn.layers import EMBED, LayerNormQ, dense, get_activation
+from qtransformers.nn.partitioning import POSITION, VOCAB, partitioned
+from qtransformers.nn.quant_point import QuantPoint
+
+
+class BertForMaskedLM(nn.Module):
+    """Embeddings (word + position + token type) -> LayerNorm -> post-LN encoder -> MLM head.
+
+    The MLM head is transform (Dense, GELU, LayerNorm) + decoder tied to the word embeddings
+    + bias; it is not quantized by default.
+    Call: input_ids (B, T) int, attention_mask (B, T) 1 for real tokens, token_type_ids (B, T)
+      -> logits (B, T, vocab_size) float32.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 token_type_ids: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        init = nn.initializers.normal(cfg.init_std)
+        seq_len = input_ids.shape[-1]
+        if seq_len > cfg.max_len:
+            raise ValueError(f"sequence length {seq_len} exceeds model.max_len={cfg.max_len}.")
+        word = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=partitioned(init, (VOCAB, EMBED)),
+                        name="word_embeddings")
+        position = nn.Embed(cfg.max_len, cfg.d_model, name="position_embeddings",
+                            embedding_init=partitioned(init, (POSITION, EMBED)))
+        token_type = nn.Embed(cfg.type_vocab_size, cfg.d_model, name="token_type_embeddings",
+                              embedding_init=partitioned(init, (None, EMBED)))
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = word(input_ids) + position(jnp.arange(seq_len)[None]) + token_type(token_type_ids)
+        x = QuantPoint(name="embeddings_sum")(x.astype(cfg.compute_dtype))
+        x = LayerNormQ(cfg.ln_eps, cfg.compute_dtype, name="embeddings_ln")(x)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic)
+
+        padding_mask = None if attention_mask is None else attention_mask.astype(bool)
+        x = Encoder(cfg, causal=False, name="encoder")(x, padding_mask, deterministic)
+        return MlmHead(cfg, name="mlm_head")(x, word)
+
+
+class MlmHead(nn.Module):
+    """BERT's MLM head: Dense + GELU + LayerNorm, then the tied decoder plus a vocab bias.
+
+    Call: x (B, T, d_model), the word nn.Embed -> logits (B, T, V) float32.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, word_embeddings: nn.Embed) -> jax.Array:
+        cfg = self.config
+        h = dense(cfg.d_model, EMBED, EMBED, nn.initializers.normal(cfg.init_std), "transform",
+                  cfg.compute_dtype)(x)
+        h = get_activation(cfg.activation)(h)
+        h = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=cfg.compute_dtype, name="transform_ln")(h)
+        logits = word_embeddings.attend(h.astype(jnp.float32))
+        bias = self.param("bias", partitioned(nn.initializers.zeros, (VOCAB,)), (cfg.vocab_size,))
+        return logits + bias

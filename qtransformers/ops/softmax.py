@@ -1,0 +1,120 @@
+"""Softmax variants for attention: vanilla, clipped (paper Eq. 4) and softmax1 ("off by one").
+
+All functions are pure jnp, jit- and vmap-friendly, and normalise along `axis`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+SOFTMAX_VARIANTS = ("vanilla", "clipped", "softmax1")
+
+
+def validate_clip_params(gamma: float, zeta: float) -> None:
+    """Raises ValueError unless gamma <= 0 and zeta >= 1 (paper Eq. 4)."""
+    if not gamma <= 0.0:
+        raise ValueError(f"gamma={gamma!r} must be <= 0 (clipped softmax stretches below 0 only); "
+                         "use e.g. gamma=-0.025 or gamma_from_alpha(alpha, seq_len).")
+    if not zeta >= 1.0:
+        raise ValueError(f"zeta={zeta!r} must be >= 1 (zeta < 1 would cap every probability); "
+                         "use zeta=1.0.")
+
+
+def gamma_from_alpha(alpha: float, seq_len: int) -> float:
+    """γ = −α / T: the clipped-softmax stretch given relative to the sequence length T.
+
+    Paper: α in [2, 4] works for T in {32..256}; OPT-125m uses α = 12 with T = 512.
+    """
+    if alpha < 0:
+        raise ValueError(f"alpha={alpha!r} must be >= 0 (gamma = -alpha / seq_len).")
+    if seq_len <= 0:
+        raise ValueError(f"seq_len={seq_len!r} must be a positive int.")
+    return -float(alpha) / float(seq_len)
+
+
+def _masked_logits(logits: jax.Array, where: jax.Array | None) -> jax.Array:
+    if where is None:
+        return logits
+    # finfo.min (not -inf) keeps fully masked rows finite, like flax.linen.dot_product_attention.
+    return jnp.where(where, logits, jnp.finfo(logits.dtype).min)
+
+
+def _clip_unit_interval(y: jax.Array) -> jax.Array:
+    """clip(y, 0, 1) whose gradient passes at the boundaries 0 and 1 (like torch.clamp).
+
+    jnp.clip splits the gradient 0.5/0.5 at ties; the reference (PyTorch) passes it in full
+    where softmax == 1 exactly (the first token of causal attention with zeta = 1).
+    """
+    return jnp.where(y < 0, jnp.zeros_like(y), jnp.where(y > 1, jnp.ones_like(y), y))
+
+
+def softmax(logits: jax.Array, axis: int = -1, where: jax.Array | None = None) -> jax.Array:
+    """Vanilla softmax with an optional boolean mask.
+
+    Args:
+      logits: any shape, e.g. (B, H, Tq, Tk) attention scores.
+      axis: the normalised (key) axis.
+      where: boolean, broadcastable to `logits`; False entries come out exactly 0.
+    Returns:
+      probabilities, same shape and dtype as `logits`.
+    """
+    probs = jax.nn.softmax(_masked_logits(logits, where), axis=axis)
+    return probs if where is None else jnp.where(where, probs, 0.0).astype(probs.dtype)
+
+
+def clipped_softmax(logits: jax.Array, gamma: float = 0.0, zeta: float = 1.0, axis: int = -1,
+                    where: jax.Array | None = None) -> jax.Array:
+    """Clipped softmax, paper Eq. 4: clip((ζ − γ) · softmax(x) + γ, 0, 1).
+
+    With γ < 0, probabilities below −γ / (ζ − γ) become exactly 0, so a head can attend to
+    nothing without pushing its logits to extremes. Rows no longer sum to 1. Clipped entries get
+    no gradient; entries exactly on the boundary (softmax == 1 with ζ = 1) pass it.
+
+    Args:
+      logits: any shape, e.g. (B, H, Tq, Tk).
+      gamma: stretch below 0; must be <= 0 (0 with ζ = 1 is the vanilla softmax).
+      zeta: stretch above 1; must be >= 1.
+      axis: the normalised (key) axis.
+      where: boolean mask broadcastable to `logits`; False (masked) entries come out exactly 0.
+    Returns:
+      clipped probabilities in [0, 1], same shape and dtype as `logits`.
+    """
+    validate_clip_params(gamma, zeta)
+    probs = jax.nn.softmax(_masked_logits(logits, where), axis=axis)
+    out = _clip_unit_interval((zeta - gamma) * probs + gamma).astype(probs.dtype)
+    return out if where is None else jnp.where(where, out, 0.0).astype(out.dtype)
+
+
+def softmax1(logits: jax.Array, axis: int = -1, where: jax.Array | None = None) -> jax.Array:
+    """Softmax with an extra zero logit ("off by one"): exp(x_i) / (1 + Σ_j exp(x_j)).
+
+    Rows may sum to less than 1, letting a head output nothing. Same shapes as `softmax`.
+    """
+    masked = _masked_logits(logits, where)
+    row_max = jnp.maximum(jnp.max(masked, axis=axis, keepdims=True), 0.0)
+    row_max = jax.lax.stop_gradient(row_max)
+    exps = jnp.exp(masked - row_max)
+    if where is not None:
+        exps = jnp.where(where, exps, 0.0)
+    return exps / (jnp.exp(-row_max) + jnp.sum(exps, axis=axis, keepdims=True))
+
+
+def get_softmax_fn(softmax_name: str = "vanilla", gamma: float = 0.0,
+                   zeta: float = 1.0) -> Callable[..., jax.Array]:
+    """Returns `fn(logits, axis=-1, where=None) -> probs` for a softmax variant by name.
+
+    Args:
+      softmax_name: one of SOFTMAX_VARIANTS.
+      gamma, zeta: clipped-softmax parameters (only used by "clipped"; validated always).
+    """
+    if softmax_name not in SOFTMAX_VARIANTS:
+        raise ValueError(f"softmax={softmax_name!r} is unknown; choose one of {SOFTMAX_VARIANTS}.")
+    validate_clip_params(gamma, zeta)
+    if softmax_name == "vanilla":
+        return softmax
+    if softmax_name == "softmax1":
+        return softmax1
+    return functools.partial(clipped_softmax, gamma=gamma, zeta=zeta)
