@@ -5,3 +5,8 @@ from qtransformers.ops.gates import (GATE_VARIANTS, apply_gate, gate_bias_from_p
                                      gate_param_count, per_head_linear_gate, per_head_mlp_gate)
 from qtransformers.ops.softmax import (SOFTMAX_VARIANTS, clipped_softmax, gamma_from_alpha,
                                        get_softmax_fn, softmax, softmax1)
+from qtransformers.ops.metrics import (aggregate_outlier_metrics, excess_kurtosis_per_sample,
+                                       inf_norm_per_sample, kurtosis_per_sample,
+                                       per_channel_max_abs)
+from qtransformers.ops.quant import (candidate_ranges, fake_quant, fake_quant_per_channel,
+                                     fake_quant_per_token, mse_losses, mse_range_search)

@@ -14,7 +14,9 @@ SOFTMAX_VARIANTS = ("vanilla", "clipped", "softmax1")
 
 
 def validate_clip_params(gamma: float, zeta: float) -> None:
-    """Raises ValueError unless gamma <= 0 and zeta >= 1 (paper Eq. 4)."""
+    """Raises ValueError unless gamma <= 0 and zeta >= 1 (paper Eq. 4); traced values pass."""
+    if isinstance(gamma, jax.core.Tracer) or isinstance(zeta, jax.core.Tracer):
+        return
     if not gamma <= 0.0:
         raise ValueError(f"gamma={gamma!r} must be <= 0 (clipped softmax stretches below 0 only); "
                          "use e.g. gamma=-0.025 or gamma_from_alpha(alpha, seq_len).")
