@@ -5,6 +5,7 @@ Outliers by Helping Attention Heads Do Nothing": clipped softmax and gated atten
 """
 from qtransformers.models import (BertForMaskedLM, ModelConfig, OptForCausalLM,
                                   VitForImageClassification, build_model, get_model_config)
+from qtransformers.convert import config_from_hf, load_hf, params_from_hf_state_dict
 from qtransformers.nn import Attention, AttentionGate, NnxAttention, QuantPoint
 from qtransformers.ops import (attention_fn, clipped_softmax, gamma_from_alpha, softmax1)
 
