@@ -1,0 +1,114 @@
+"""PNG figures of a reproduce run (matplotlib, Agg backend). Each function writes one file.
+
+Inputs are the per-method result dicts produced by `reproduce.analysis` (see its docstrings).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+METHOD_COLOURS = {"vanilla": "#444444", "clipped": "#1f77b4", "gated": "#d62728"}
+
+
+def _colour(method: str) -> str:
+    return METHOD_COLOURS.get(method.split("_")[0], None) or "#2ca02c"
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_per_layer(results: Mapping[str, Mapping[str, Any]], path: str) -> str:
+    """Per-layer max |x| and kurtosis of each layer's output, one line per method."""
+    fig, (ax_inf, ax_kurt) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for method, result in results.items():
+        layers = result["outliers"]["per_layer"]
+        idx = [row["layer"] for row in layers]
+        ax_inf.plot(idx, [row["inf_norm"] for row in layers], "o-", label=method,
+                    color=_colour(method))
+        ax_kurt.plot(idx, [row["kurtosis"] for row in layers], "o-", label=method,
+                     color=_colour(method))
+    ax_inf.set(title="max |x| of each layer's output", xlabel="layer", ylabel="inf-norm")
+    ax_kurt.set(title="kurtosis of each layer's output (Gaussian = 3)", xlabel="layer",
+                ylabel="kurtosis", yscale="log")
+    ax_kurt.axhline(3.0, color="grey", lw=0.8, ls=":")
+    ax_inf.legend()
+    return _save(fig, path)
+
+
+def plot_training_curves(results: Mapping[str, Mapping[str, Any]], path: str) -> str:
+    """Avg kurtosis and max inf-norm over training steps, one line per method."""
+    fig, (ax_kurt, ax_inf) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for method, result in results.items():
+        history = result.get("history") or []
+        steps = [row["step"] for row in history]
+        ax_kurt.plot(steps, [row["avg_kurtosis"] for row in history], "o-", label=method,
+                     color=_colour(method), ms=3)
+        ax_inf.plot(steps, [row["max_inf_norm"] for row in history], "o-", label=method,
+                    color=_colour(method), ms=3)
+    ax_kurt.set(title="avg kurtosis over training", xlabel="step", ylabel="kurtosis")
+    ax_inf.set(title="max inf-norm over training", xlabel="step", ylabel="max |x|")
+    ax_kurt.legend()
+    return _save(fig, path)
+
+
+def plot_attention_maps(method: str, attention: Mapping[str, Any], path: str) -> str:
+    """Attention probabilities of one sequence for the most outlier-prone heads."""
+    heads = attention["heads"]
+    tokens: Sequence[str] = attention["tokens"]
+    cols = max(len(heads), 1)
+    fig, axes = plt.subplots(1, cols, figsize=(3.6 * cols, 4.4), squeeze=False)
+    for ax, head in zip(axes[0], heads):
+        probs = np.asarray(head["probs"])
+        ax.imshow(probs, cmap="viridis", vmin=0.0, vmax=max(float(probs.max()), 1e-6))
+        ax.set_title(f"{method}: layer {head['layer']} head {head['head']}\n"
+                     f"first-token share {head['first_token_share']:.2f}", fontsize=9)
+        ticks = range(0, len(tokens), max(1, len(tokens) // 12))
+        ax.set_xticks(list(ticks), [tokens[i][:6] for i in ticks], rotation=90, fontsize=6)
+        ax.set_yticks(list(ticks), [tokens[i][:6] for i in ticks], fontsize=6)
+        ax.set_xlabel("key")
+    axes[0][0].set_ylabel("query")
+    return _save(fig, path)
+
+
+def plot_gate_distribution(gates: Mapping[str, Any], path: str) -> str:
+    """Histogram of gate values sigmoid(G(x)) per layer of a gated model."""
+    per_layer = gates["per_layer"]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    bins = np.linspace(0.0, 1.0, 41)
+    for row in per_layer:
+        ax.hist(row["values"], bins=bins, histtype="step", label=f"layer {row['layer']}",
+                density=True)
+    ax.set(title="gate values sigmoid(G(x))", xlabel="gate value", ylabel="density")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_outlier_channels(results: Mapping[str, Mapping[str, Any]], path: str) -> str:
+    """Top outlier channels of the last layer's output and the token positions where they fire."""
+    fig, (ax_chan, ax_pos) = plt.subplots(1, 2, figsize=(10, 3.8))
+    width = 0.8 / max(len(results), 1)
+    for i, (method, result) in enumerate(results.items()):
+        channels = result["channels"]
+        top = channels["top"]
+        x = np.arange(len(top)) + i * width
+        ax_chan.bar(x, [c["max_abs"] for c in top], width=width, label=method,
+                    color=_colour(method))
+        profile = np.asarray(channels["position_max_abs"])
+        ax_pos.plot(np.arange(len(profile)), profile, label=method, color=_colour(method))
+    ax_chan.set(title="top channels by max |x| (last layer output)", xlabel="rank",
+                ylabel="max |x|")
+    ax_pos.set(title="max |x| over top channels by token position", xlabel="position",
+               ylabel="max |x|")
+    ax_chan.legend()
+    return _save(fig, path)
