@@ -4,14 +4,16 @@ from __future__ import annotations
 import importlib
 import sys
 
+# name -> ("module:function", help). `main` functions get argv with the program name first (as
+# absl.app passes it); other functions get only the arguments (argparse style).
 SUBCOMMANDS = {
-    "train": ("qtransformers.train.main", "pretrain a model: --config configs/X.py:preset "
+    "train": ("qtransformers.train.main:main", "pretrain a model: --config configs/X.py:preset "
               "--workdir DIR [--config.key=value ...]"),
-    "evaluate": ("qtransformers.evaluate.main", "FP quality, outlier metrics and W8A8 PTQ of a "
+    "evaluate": ("qtransformers.evaluate.main:main", "FP quality, outlier metrics and W8A8 PTQ of a "
                  "checkpoint or a HuggingFace folder"),
-    "reproduce": ("qtransformers.reproduce.main", "train vanilla / clipped / gated under one "
+    "reproduce": ("qtransformers.reproduce.main:main", "train vanilla / clipped / gated under one "
                   "budget, quantize, measure, and write a report"),
-    "tokenizer": ("qtransformers.data.tokenizer_main", "train a WordPiece or BPE tokenizer on "
+    "tokenizer": ("qtransformers.data:tokenizer_main", "train a WordPiece or BPE tokenizer on "
                   "text files"),
 }
 
@@ -33,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         print(f"qtransformers: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[command][0])
-    result = module.main([f"qtransformers {command}", *rest])
+    module_name, function_name = SUBCOMMANDS[command][0].split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    absl_style = function_name == "main"
+    result = function([f"qtransformers {command}", *rest] if absl_style else rest)
     return int(result or 0)
 
 
