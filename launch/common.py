@@ -31,7 +31,7 @@ INSTALL_HINTS: dict[str, str] = {
                       "(it provides the console script)"),
 }
 
-MESH_OVERRIDE_PREFIX = "--config.mesh."
+MESH_OVERRIDE_PREFIX = "--config.mesh.shape."
 DEFAULT_ENTRYPOINT = "qtransformers train"
 
 

@@ -68,7 +68,7 @@ def test_tpu_run_dry_run_forwards_train_command_to_all_workers(capsys):
     train = shlex.split(command[start:].split(" > ")[0])
     assert train == ["nohup", "qtransformers", "train", "--config", CONFIG, "--workdir",
                      "gs://b/r1", "--config.optim.lr=1e-4", "--config.name=a b; rm -rf /",
-                     "--config.mesh.data=-1", "--config.mesh.fsdp=4"]
+                     "--config.mesh.shape.data=-1", "--config.mesh.shape.fsdp=4"]
     assert 'logs/train-"$(hostname)".log' in command and "pkill" not in command
 
 
@@ -119,7 +119,7 @@ def test_tpu_run_remote_command_in_a_sandbox(tmp_path, capsys):
         assert _wait_for(lambda: not _alive(pids[0])), "the second start must kill the first"
         assert (tmp_path / "args.txt").read_text().splitlines() == [
             "train", "--config", CONFIG, "--workdir", "gs://b/r1", "--config.optim.lr=1e-4",
-            "--config.name=a b; rm -rf /", "--config.mesh.data=-1", "--config.mesh.fsdp=4"]
+            "--config.name=a b; rm -rf /", "--config.mesh.shape.data=-1", "--config.mesh.shape.fsdp=4"]
         assert [p.name for p in logs.glob("*.log")] == [f"train-{os.uname().nodename}.log"]
     finally:
         for pid in pids:
@@ -130,7 +130,7 @@ def test_tpu_run_remote_command_in_a_sandbox(tmp_path, capsys):
 def test_tpu_run_refuses_mesh_that_does_not_fit_the_pod(capsys):
     rc = tpu_pod.main(["run", "--name", "q", "--zone", "z", "--accelerator-type", "v4-32",
                        "--config", CONFIG, "--workdir", "gs://b/r", "--dry-run",
-                       "--config.mesh.data=8"])
+                       "--config.mesh.shape.data=8"])
     assert rc == 2
     err = capsys.readouterr().err
     assert "multiplies to 8 but there are 16 devices" in err and "v4-32" in err
@@ -169,7 +169,7 @@ def test_xpk_create_dry_run(capsys):
                            "--project=p", "--docker-image=gcr.io/p/qtx:1"]
     assert shlex.split(create[-1].removeprefix("--command=")) == [
         "qtransformers", "train", "--config", CONFIG, "--workdir", "gs://b/r",
-        "--config.name=a b", "--config.mesh.data=-1", "--config.mesh.fsdp=16"]
+        "--config.name=a b", "--config.mesh.shape.data=-1", "--config.mesh.shape.fsdp=16"]
     assert delete == ["xpk", "workload", "delete", "--workload=qtx-1", "--cluster=c1"]
     assert list_ == ["xpk", "workload", "list", "--cluster=c1"]
 
@@ -204,8 +204,8 @@ def test_slurm_dry_run_output_runs_end_to_end(tmp_path, capsys):
     script = log_dir / "qtransformers.sbatch"
     assert lines[0] == f"mkdir -p {log_dir}"
     assert shlex.split(lines[-1]) == ["sbatch", "--parsable", str(script), CONFIG, "/shared/r1",
-                                      "--config.name=a b", "--config.mesh.data=-1",
-                                      "--config.mesh.fsdp=2"]
+                                      "--config.name=a b", "--config.mesh.shape.data=-1",
+                                      "--config.mesh.shape.fsdp=2"]
     for directive in ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=4",
                       "--partition=gpu", f"--output={log_dir}/%x-%j.out"]:
         assert f"\n#SBATCH {directive}\n" in out
@@ -223,7 +223,7 @@ def test_slurm_dry_run_output_runs_end_to_end(tmp_path, capsys):
     job = subprocess.run(["bash", *sbatch_args[1:]], env=env, capture_output=True, text=True,
                          check=True).stdout.splitlines()
     tail = (f"--config {CONFIG} --workdir /shared/r1 --config.distributed.initialization_timeout"
-            "=300 --config.name=a b --config.mesh.data=-1 --config.mesh.fsdp=2")
+            "=300 --config.name=a b --config.mesh.shape.data=-1 --config.mesh.shape.fsdp=2")
     assert job[-2:] == [f"task {i} gpu7:8476 0,1,2,3 bar {tail}" for i in (0, 1)]
     if shutil.which("shellcheck"):
         subprocess.run(["shellcheck", str(script)], check=True)
