@@ -10,3 +10,6 @@ from qtransformers.nn import Attention, AttentionGate, NnxAttention, QuantPoint
 from qtransformers.ops import (attention_fn, clipped_softmax, gamma_from_alpha, softmax1)
 
 __version__ = "0.1.0"
+from qtransformers.evaluate import collect_outlier_metrics, outlier_eval_fn
+from qtransformers.quant import (QuantConfig, calibrate, evaluate_ptq, get_preset,
+                                 make_quantized_eval_fn, quantize_params)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-# name -> ("module:function", help). `main` functions get argv with the program name first (as
-# absl.app passes it); other functions get only the arguments (argparse style).
+# name -> ("module:function", help). Functions of ABSL_STYLE commands get argv with the program
+# name first (as absl.app passes it); the others get only the arguments (argparse style).
 SUBCOMMANDS = {
     "train": ("qtransformers.train.main:main", "pretrain a model: --config configs/X.py:preset "
               "--workdir DIR [--config.key=value ...]"),
@@ -16,6 +16,8 @@ SUBCOMMANDS = {
     "tokenizer": ("qtransformers.data:tokenizer_main", "train a WordPiece or BPE tokenizer on "
                   "text files"),
 }
+
+ABSL_STYLE = ("train", "reproduce")
 
 
 def usage() -> str:
@@ -37,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, function_name = SUBCOMMANDS[command][0].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
-    absl_style = function_name == "main"
-    result = function([f"qtransformers {command}", *rest] if absl_style else rest)
+    result = function([f"qtransformers {command}", *rest] if command in ABSL_STYLE else rest)
     return int(result or 0)
 
 
