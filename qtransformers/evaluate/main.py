@@ -78,16 +78,26 @@ def _read_json(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _restore_trainer(workdir: str) -> tuple[ModelConfig, Any, dict]:
+def restore_trainer_workdir(workdir: str) -> tuple[ModelConfig, Any, dict]:
+    """(model config, params of the newest finalized checkpoint, run config) of a trainer workdir."""
     import orbax.checkpoint as ocp
     meta = _read_json(os.path.join(workdir, "config.json"))
     model_cfg = ModelConfig.from_dict(meta["resolved_model"])
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"))
+    manager = ocp.CheckpointManager(ckpt_dir, item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
     step = manager.latest_step()
     if step is None:
         _fail(f"no finalized checkpoint under {ckpt_dir}")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # Restore onto this process's first device whatever mesh wrote the checkpoint (a checkpoint
+    # from a multi-host run carries device ids that do not exist here).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = manager.item_metadata(step)["state"]
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+        if hasattr(m, "shape") else m, metadata)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))
     state = restored["state"]
     params = state["params"] if isinstance(state, dict) else state.params
     return model_cfg, params, meta.get("config", {})
@@ -111,7 +121,7 @@ def load_source(args: argparse.Namespace) -> tuple[ModelConfig, Any, dict]:
     if path and os.path.isfile(config_json):
         meta = _read_json(config_json)
         if "resolved_model" in meta:
-            return _restore_trainer(path)
+            return restore_trainer_workdir(path)
         from qtransformers.convert import load_hf
         model_cfg, params = load_hf(path)
         return model_cfg, params, {}

@@ -1,0 +1,261 @@
+"""`qtransformers reproduce`: train each method under one budget, evaluate, and report.
+
+Workdir layout (every stage is skipped when its output exists, so a rerun resumes):
+  runs/<method>-seed<k>/        the trainer's workdir (checkpoints/, metrics.jsonl, ...)
+  runs/<method>-seed<k>/train_done.json, eval.json
+  report.md, report.json, *.png
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import platform
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+from qtransformers import data as data_lib
+from qtransformers.evaluate.main import restore_trainer_workdir
+from qtransformers.evaluate.outliers import collect_outlier_metrics
+from qtransformers.models import ModelConfig, build_model
+from qtransformers.quant.config import get_preset
+from qtransformers.quant.evaluate import evaluate_ptq
+from qtransformers.reproduce import analysis, plots
+from qtransformers.reproduce.report import build_report, write_report
+
+log = logging.getLogger("qtransformers.reproduce")
+METRIC_OF = {"bert": "perplexity", "opt": "perplexity", "vit": "accuracy"}
+
+
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path: str, value: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1, default=float)
+    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written marker
+
+
+def validate_reproduce_config(config: ml_collections.ConfigDict) -> None:
+    """Checks the `reproduce` section before any training starts."""
+    if "reproduce" not in config:
+        raise ValueError("the config has no 'reproduce' section; start from "
+                         "qtransformers.reproduce.default_config.get_config().")
+    rcfg = config.reproduce
+    methods = dict(rcfg.methods)
+    if not methods:
+        raise ValueError("reproduce.methods is empty; name at least one method.")
+    if "vanilla" not in methods:
+        raise ValueError("reproduce.methods must include 'vanilla': the report compares every "
+                         "method against it and checks that it developed outliers.")
+    known = set(ModelConfig().to_dict())
+    for method, overrides in methods.items():
+        unknown = sorted(set(dict(overrides)) - known)
+        if unknown:
+            raise ValueError(f"reproduce.methods.{method} has unknown model fields {unknown}.")
+    if not list(rcfg.train_seeds) or not list(rcfg.ptq_seeds):
+        raise ValueError("reproduce.train_seeds and reproduce.ptq_seeds need at least one seed.")
+    get_preset(rcfg.quant_preset)
+
+
+def method_config(config: ml_collections.ConfigDict, method: str,
+                  seed: int) -> ml_collections.ConfigDict:
+    """The trainer config of one (method, seed) run: the base model plus the method's fields."""
+    cfg = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
+    overrides = dict(cfg.reproduce.methods[method])
+    del cfg["reproduce"]
+    cfg.model.method = "vanilla"
+    for key, value in overrides.items():
+        cfg.model[key] = value
+    cfg.train.seed = int(seed)
+    return cfg
+
+
+def _model_inputs(family: str, batch: Mapping[str, np.ndarray]) -> tuple:
+    if family == "vit":
+        return (batch["image"],)
+    return (batch["input_ids"], batch["attention_mask"])
+
+
+def _token_strings(tokenizer: Any, ids: np.ndarray) -> list[str]:
+    names = {getattr(tokenizer, f"{n}_id", None): f"[{n.upper()}]" for n in ("cls", "sep", "pad")}
+    return [names.get(int(i)) or tokenizer.decode([int(i)]) or "?" for i in ids]
+
+
+def _history(run_dir: str) -> list[dict[str, float]]:
+    rows = []
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                if "outliers" in row:
+                    rows.append(dict(step=row["step"],
+                                     avg_kurtosis=row["outliers"]["avg_kurtosis"],
+                                     max_inf_norm=row["outliers"]["max_inf_norm"]))
+    return rows
+
+
+def evaluate_run(cfg: ml_collections.ConfigDict, run_dir: str,
+                 rcfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """FP quality, outlier metrics, W8A8 over PTQ seeds and the figure data of one trained run."""
+    model_cfg, params, _ = restore_trainer_workdir(run_dir)
+    family = model_cfg.family
+    model = build_model(model_cfg)
+    eval_it = data_lib.make_eval_iterator(cfg.data, batch_size=rcfg.eval_batch_size,
+                                          workdir=run_dir)
+    evals = [batch for _, batch in zip(range(rcfg.num_eval_batches), eval_it)]
+    qconfig = get_preset(rcfg.quant_preset).replace(
+        seeds=tuple(rcfg.ptq_seeds), num_calibration_batches=rcfg.num_calib_batches,
+        calibration_batch_size=rcfg.calib_batch_size)
+
+    def calibration_batches(seed: int) -> list[dict[str, np.ndarray]]:
+        it = data_lib.make_train_iterator(cfg.data, global_batch_size=rcfg.calib_batch_size,
+                                          seed=10_000 + seed, workdir=run_dir)
+        return [next(it) for _ in range(rcfg.num_calib_batches)]
+
+    ptq = evaluate_ptq(model, params, evals, calibration_batches, qconfig)
+    outliers = collect_outlier_metrics(model, params, evals, family)
+    first = evals[0]
+    token_mask = None if family == "vit" else np.asarray(first["attention_mask"])
+    layers = analysis.capture_intermediates(model, params, _model_inputs(family, first))
+    layer_view = analysis.per_layer_outliers(layers, token_mask)
+    if family == "vit":
+        tokens = ["[CLS]"] + [f"p{i}" for i in range(model_cfg.num_patches)]
+    else:
+        tokenizer = data_lib.build_tokenizer(cfg.data, workdir=run_dir)
+        length = int(token_mask[0].sum())
+        tokens = _token_strings(tokenizer, np.asarray(first["input_ids"][0, :length]))
+    metric = METRIC_OF[family]
+    quantized = ptq["quantized"]
+    return dict(
+        fp={metric: ptq["fp"][metric], "loss": ptq["fp"]["loss"]},
+        w8a8=dict(values=[r[metric] for r in quantized["per_seed"]],
+                  losses=[r["loss"] for r in quantized["per_seed"]]),
+        outliers=dict(max_inf_norm=outliers["max_inf_norm"],
+                      avg_kurtosis=outliers["avg_kurtosis"], **layer_view),
+        history=_history(run_dir),
+        attention=analysis.attention_heads(layers, tokens, token_mask),
+        gates=analysis.gate_distribution(layers),
+        channels=analysis.outlier_channels(layers, token_mask))
+
+
+def combine_seeds(per_seed: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """One method's result over training seeds: means of the scalars, W8A8 pooled over all
+    (training seed x PTQ seed) evaluations; figure data from the first seed."""
+    first = dict(per_seed[0])
+    mean = lambda values: float(np.mean(values))  # noqa: E731
+    w8a8 = [v for r in per_seed for v in r["w8a8"]["values"]]
+    w8a8_loss = [v for r in per_seed for v in r["w8a8"]["losses"]]
+    first["fp"] = {metric: mean([r["fp"][metric] for r in per_seed]),
+                   "loss": mean([r["fp"]["loss"] for r in per_seed])}
+    first["w8a8"] = dict(mean=mean(w8a8), std=float(np.std(w8a8)), values=w8a8,
+                         loss_mean=mean(w8a8_loss),
+                         loss_change=mean(w8a8_loss) - first["fp"]["loss"])
+    first["outliers"] = dict(first["outliers"])
+    for key in ("max_inf_norm", "avg_kurtosis", "median_abs", "first_token_max_abs",
+                "elsewhere_max_abs"):
+        first["outliers"][key] = mean([r["outliers"][key] for r in per_seed])
+    first["seeds"] = len(per_seed)
+    return first
+
+
+def run_reproduce(config: ml_collections.ConfigDict, workdir: str, *,
+                  train_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
+                  command: str = "") -> dict[str, Any]:
+    """Trains every method x seed, evaluates each, writes report.md / report.json / PNGs.
+
+    Args:
+      config: trainer config plus a `reproduce` section (see default_config.get_config).
+      workdir: output folder; rerunning with the same folder resumes.
+      train_fn: (config, run_dir) -> final metrics (default qtransformers.train's
+        train_and_evaluate).
+    Returns:
+      the report dict (also written to workdir/report.json).
+    """
+    from qtransformers.train.config import validate_config
+    validate_reproduce_config(config)
+    rcfg = config.reproduce
+    runs = [(m, s) for m in rcfg.methods for s in rcfg.train_seeds]
+    for method, seed in runs:  # every run's config is validated before any training
+        validate_config(method_config(config, method, seed))
+    if train_fn is None:
+        from qtransformers.train.loop import train_and_evaluate as train_fn
+    os.makedirs(workdir, exist_ok=True)
+    start, timings, per_method = time.time(), {}, {}
+    for index, (method, seed) in enumerate(runs, 1):
+        run_dir = os.path.join(workdir, "runs", f"{method}-seed{seed}")
+        cfg = method_config(config, method, seed)
+        done, evaluated = (os.path.join(run_dir, n) for n in ("train_done.json", "eval.json"))
+        tag = f"[reproduce {index}/{len(runs)}] {method} seed {seed}"
+        if os.path.exists(done):
+            log.info("%s: trained already, skipping", tag)
+        else:
+            log.info("%s: training %d steps", tag, cfg.train.num_steps)
+            t0 = time.time()
+            metrics = train_fn(cfg, run_dir)
+            if metrics.get("preempted"):
+                raise SystemExit(f"{tag}: stopped by SIGTERM after a checkpoint; rerun the same "
+                                 "command to continue.")
+            _write_json(done, dict(metrics, wall_seconds=time.time() - t0))
+        if os.path.exists(evaluated):
+            result = _read_json(evaluated)
+        else:
+            log.info("%s: evaluating (FP, outliers, %s over PTQ seeds %s)", tag,
+                     rcfg.quant_preset, list(rcfg.ptq_seeds))
+            t0 = time.time()
+            result = evaluate_run(cfg, run_dir, rcfg)
+            result["eval_seconds"] = time.time() - t0
+            _write_json(evaluated, result)
+        timings[f"{method}-seed{seed}"] = dict(
+            train_s=round(_read_json(done).get("wall_seconds", 0.0), 1),
+            eval_s=round(result.get("eval_seconds", 0.0), 1))
+        per_method.setdefault(method, []).append(result)
+
+    family = ModelConfig.from_dict(
+        _read_json(os.path.join(workdir, "runs", f"{runs[0][0]}-seed{runs[0][1]}",
+                                "config.json"))["resolved_model"]).family
+    metric = METRIC_OF[family]
+    results = {m: combine_seeds(r, metric) for m, r in per_method.items()}
+    figures = write_figures(workdir, results)
+    run_info = dict(command=command or "qtransformers reproduce", machine=_machine(),
+                    wall_seconds_this_invocation=round(time.time() - start, 1), runs=timings,
+                    config=config.to_dict())
+    report = build_report(family, metric, results, run_info, figures)
+    md_path, _ = write_report(workdir, report)
+    log.info("wrote %s", md_path)
+    return report
+
+
+def write_figures(workdir: str, results: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """All PNGs of the report; returns {title: file name relative to workdir}."""
+    figures = {"per-layer outliers": "per_layer_outliers.png",
+               "outliers over training": "outliers_over_training.png",
+               "outlier channels and positions": "outlier_channels.png"}
+    plots.plot_per_layer(results, os.path.join(workdir, figures["per-layer outliers"]))
+    plots.plot_training_curves(results, os.path.join(workdir, figures["outliers over training"]))
+    plots.plot_outlier_channels(results,
+                                os.path.join(workdir, figures["outlier channels and positions"]))
+    for method, result in results.items():
+        name = f"attention_{method}.png"
+        plots.plot_attention_maps(method, result["attention"], os.path.join(workdir, name))
+        figures[f"attention maps ({method})"] = name
+        if result.get("gates"):
+            name = f"gates_{method}.png"
+            plots.plot_gate_distribution(result["gates"], os.path.join(workdir, name))
+            figures[f"gate values ({method})"] = name
+    return figures
+
+
+def _machine() -> str:
+    devices = jax.devices()
+    return (f"{platform.machine()} {os.cpu_count()} cores, {len(devices)} x "
+            f"{devices[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
