@@ -7,7 +7,7 @@ break (fixed first token + frequent delimiters = where no-op heads park their at
 pre-LN OPT-style model with 4 layers, d 64, 4 heads, sequence 64, batch 64, AdamW at a constant
 lr 1e-2 with weight decay 0.1, and no dropout.
 
-Presets (`--config .../default_config.py:preset=NAME`): 'cpu' (default), 'tiny' (seconds; the
+Presets (`--config .../default_config.py:NAME`): 'cpu' (default), 'tiny' (seconds; the
 test suite's end-to-end run), 'wikitext' (the same model on a local text file: pass
 --config.data.path=../shared/data/wikitext-2/valid.txt).
 """
@@ -34,8 +34,8 @@ def reproduce_section(**overrides) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-    """The reproduce config for `arg` = 'preset=cpu|tiny|wikitext' (default cpu)."""
-    args = parse_config_arg(arg, preset="cpu")
+    """The reproduce config for `arg` = 'cpu' | 'tiny' | 'wikitext' (or preset=...; default cpu)."""
+    args = parse_config_arg(arg, bare="preset", preset="cpu")
     preset = args["preset"]
     if preset not in ("cpu", "tiny", "wikitext"):
         raise ValueError(f"reproduce preset {preset!r} is unknown; choose cpu, tiny or wikitext "

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -42,6 +43,10 @@ def plot_per_layer(results: Mapping[str, Mapping[str, Any]], path: str) -> str:
     ax_kurt.set(title="kurtosis of each layer's output (Gaussian = 3)", xlabel="layer",
                 ylabel="kurtosis", yscale="log")
     ax_kurt.axhline(3.0, color="grey", lw=0.8, ls=":")
+    ax_kurt.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax_kurt.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    for ax in (ax_inf, ax_kurt):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax_inf.legend()
     return _save(fig, path)
 

@@ -113,7 +113,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append("")
     run = report["run"]
     lines += ["## How this was run", "", f"- command: `{run.get('command', '')}`"]
-    lines += [f"- {key}: {value}" for key, value in run.items() if key != "command"]
+    lines += [f"- {key}: {value}" for key, value in run.items() if key not in ("command", "config")]
+    if "config" in run:
+        lines.append("- config: the full experiment config is `run.config` in report.json")
     return "\n".join(lines) + "\n"
 
 

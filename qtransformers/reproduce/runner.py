@@ -90,18 +90,13 @@ def _token_strings(tokenizer: Any, ids: np.ndarray) -> list[str]:
     return [names.get(int(i)) or tokenizer.decode([int(i)]) or "?" for i in ids]
 
 
-def _history(run_dir: str) -> list[dict[str, float]]:
-    rows = []
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
-                if "outliers" in row:
-                    rows.append(dict(step=row["step"],
-                                     avg_kurtosis=row["outliers"]["avg_kurtosis"],
-                                     max_inf_norm=row["outliers"]["max_inf_norm"]))
-    return rows
+def _history(run_dir: str) -> list[dict[str, Any]]:
+    """The trainer's periodic outlier evaluations of one run, in step order."""
+    from qtransformers.train.writers import read_metrics
+    return [dict(step=step, avg_kurtosis=row["avg_kurtosis"], max_inf_norm=row["max_inf_norm"],
+                 per_layer={k: v for k, v in row.items()
+                            if k.startswith(("kurtosis/", "inf_norm/"))})
+            for step, row in sorted(read_metrics(run_dir, split="outliers").items())]
 
 
 def evaluate_run(cfg: ml_collections.ConfigDict, run_dir: str,
@@ -184,7 +179,7 @@ def run_reproduce(config: ml_collections.ConfigDict, workdir: str, *,
     from qtransformers.train.config import validate_config
     validate_reproduce_config(config)
     rcfg = config.reproduce
-    runs = [(m, s) for m in rcfg.methods for s in rcfg.train_seeds]
+    runs = [(m, s) for m in ordered_methods(rcfg.methods) for s in rcfg.train_seeds]
     for method, seed in runs:  # every run's config is validated before any training
         validate_config(method_config(config, method, seed))
     if train_fn is None:
@@ -233,6 +228,13 @@ def run_reproduce(config: ml_collections.ConfigDict, workdir: str, *,
     md_path, _ = write_report(workdir, report)
     log.info("wrote %s", md_path)
     return report
+
+
+def ordered_methods(methods: Mapping[str, Any]) -> list[str]:
+    """Method names in the paper's table order (vanilla, clipped, gated), then the rest sorted;
+    ConfigDict iterates its keys sorted, which would put vanilla last."""
+    known = [m for m in ("vanilla", "clipped", "gated") if m in methods]
+    return known + sorted(m for m in methods if m not in known)
 
 
 def write_figures(workdir: str, results: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:

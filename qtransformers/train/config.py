@@ -94,15 +94,15 @@ def base_config(preset: str, method: str = "vanilla") -> ml_collections.ConfigDi
     return config
 
 
-def parse_config_arg(arg: str | None, **defaults: str) -> dict[str, str]:
+def parse_config_arg(arg: str | None, bare: str = "method", **defaults: str) -> dict[str, str]:
     """Preset arguments: 'gated' or 'method=gated,size=small' -> {'method': 'gated', ...}.
 
-    A bare word sets 'method'. Unknown keys raise ValueError listing `defaults`' keys.
+    A bare word sets the key `bare`. Unknown keys raise ValueError listing `defaults`' keys.
     """
     values = dict(defaults)
     for part in filter(None, (arg or "").split(",")):
         key, sep, value = part.partition("=")
-        key, value = (key.strip(), value.strip()) if sep else ("method", key.strip())
+        key, value = (key.strip(), value.strip()) if sep else (bare, key.strip())
         if key not in defaults:
             raise ValueError(f"config argument {key!r} is unknown; known: {sorted(defaults)}.")
         values[key] = value

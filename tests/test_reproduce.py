@@ -1,0 +1,117 @@
+"""`qtransformers reproduce` end to end on a shrunken config (tiny model, a few steps, two
+methods): the report, its JSON and every PNG are written and well formed, and a rerun resumes
+instead of retraining."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qtransformers.reproduce import main as reproduce_main
+from qtransformers.reproduce.default_config import get_config
+from qtransformers.reproduce.runner import ordered_methods, run_reproduce
+from qtransformers.train.loop import train_and_evaluate
+
+
+def _two_method_config():
+    config = get_config("tiny")
+    config.reproduce.methods = {"gated": {"gate": "linear", "gate_init": 0.25}, "vanilla": {}}
+    config.train.num_steps = 6
+    config.train.outlier_eval_every = 3
+    config.train.checkpoint_every = 3
+    return config
+
+
+def _check_png(path: str) -> None:
+    with Image.open(path) as image:
+        image.verify()  # a truncated or corrupt file raises here
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("L"), np.float32)
+    assert image.format == "PNG" and min(image.size) >= 200, (path, image.size)
+    assert pixels.std() > 5.0, f"{path} is blank"
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("reproduce"))
+    calls = []
+
+    def counting_train(cfg, run_dir):
+        calls.append(run_dir)
+        return train_and_evaluate(cfg, run_dir)
+
+    report = run_reproduce(_two_method_config(), workdir, train_fn=counting_train,
+                           command="pytest")
+    return workdir, report, calls
+
+
+def test_report_json_and_markdown(reproduced):
+    workdir, report, calls = reproduced
+    assert sorted(os.path.basename(c) for c in calls) == ["gated-seed0", "vanilla-seed0"]
+    with open(os.path.join(workdir, "report.json")) as f:
+        saved = json.load(f)
+    assert [row["method"] for row in saved["rows"]] == ["vanilla", "gated"]
+    for row in saved["rows"]:
+        assert np.isfinite([row["fp"], row["max_inf_norm"], row["avg_kurtosis"],
+                            row["w8a8_mean"], row["w8a8_std"]]).all()
+        assert row["fp"] > 1.0 and row["max_inf_norm"] > 0.0 and row["avg_kurtosis"] > 1.0
+        assert row["w8a8_gap"] == pytest.approx(row["w8a8_mean"] - row["fp"])
+        # two PTQ seeds, pooled mean / std of the per-seed perplexities
+        values = saved["results"][row["method"]]["w8a8"]["values"]
+        assert len(values) == 2
+        assert row["w8a8_mean"] == pytest.approx(np.mean(values))
+    assert saved["verdict"]["developed"] in (True, False)
+    assert saved["paper"]["model"].startswith("OPT")
+    history = saved["results"]["vanilla"]["history"]
+    assert [h["step"] for h in history] == [3, 6]
+
+    text = open(os.path.join(workdir, "report.md")).read()
+    assert "| vanilla |" in text and "| gated |" in text and "Table 2" in text
+    assert saved["verdict"]["text"] in text
+    for name in saved["figures"].values():
+        assert f"]({name})" in text
+
+
+def test_every_png_is_well_formed(reproduced):
+    workdir, report, _ = reproduced
+    pngs = sorted(f for f in os.listdir(workdir) if f.endswith(".png"))
+    assert pngs == sorted(report["figures"].values())
+    assert {"per_layer_outliers.png", "outliers_over_training.png", "outlier_channels.png",
+            "attention_vanilla.png", "attention_gated.png", "gates_gated.png"} <= set(pngs)
+    for name in pngs:
+        _check_png(os.path.join(workdir, name))
+
+
+def test_rerun_resumes_without_retraining(reproduced):
+    workdir, first, _ = reproduced
+
+    def must_not_train(cfg, run_dir):
+        raise AssertionError(f"retrained {run_dir}")
+
+    again = run_reproduce(_two_method_config(), workdir, train_fn=must_not_train)
+    assert again["rows"] == first["rows"]  # evaluations are read back, not recomputed
+
+    # A run whose evaluation is missing is evaluated again, still without training.
+    os.remove(os.path.join(workdir, "runs", "gated-seed0", "eval.json"))
+    again = run_reproduce(_two_method_config(), workdir, train_fn=must_not_train)
+    np.testing.assert_allclose([r["fp"] for r in again["rows"]],
+                               [r["fp"] for r in first["rows"]], rtol=1e-5)
+
+
+def test_bad_reproduce_configs_fail_before_training(tmp_path):
+    config = _two_method_config()
+    config.reproduce.methods = {"gated": {"gate": "linear"}}
+    with pytest.raises(ValueError, match="must include 'vanilla'"):
+        run_reproduce(config, str(tmp_path), train_fn=None)
+    config.reproduce.methods = {"vanilla": {}, "odd": {"not_a_field": 1}}
+    with pytest.raises(ValueError, match="unknown model fields"):
+        run_reproduce(config, str(tmp_path))
+    assert not os.listdir(tmp_path)
+    assert reproduce_main.main(["qtransformers reproduce", "--workdir", str(tmp_path / "x"),
+                                "--config.train.global_batch_size=-3"]) == 2
+
+
+def test_method_order_follows_the_paper():
+    assert ordered_methods({"gated": 1, "z": 1, "vanilla": 1, "clipped": 1}) == [
+        "vanilla", "clipped", "gated", "z"]
