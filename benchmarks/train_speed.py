@@ -96,7 +96,21 @@ def run_jax(family: str, method: str, size: dict, steps: int) -> dict:
 
         one_step()  # warm-up
         step_s = _median_step(one_step, steps)
-    return {"compile_s": compile_s, "step_s": step_s, "peak_rss_mib": _peak_rss_mib()}
+    from qtransformers.planner import flops_per_token
+    return {"compile_s": compile_s, "step_s": step_s, "peak_rss_mib": _peak_rss_mib(),
+            "flops_per_step": flops_per_token(cfg, seq_len) * batch_size * seq_len}
+
+
+def run_matmul_peak(steps: int) -> dict:
+    """The machine's float32 matmul rate (2048^3 jitted matmul): the ceiling of any train step."""
+    import jax
+    import jax.numpy as jnp
+    n = 2048
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ a)
+    jax.block_until_ready(matmul(a))
+    step_s = _median_step(lambda: jax.block_until_ready(matmul(a)), max(steps, 10))
+    return {"flops_per_s": 2.0 * n ** 3 / step_s}
 
 
 def run_torch(family: str, size: dict, steps: int) -> dict:
@@ -162,14 +176,16 @@ def main(argv: list[str] | None = None) -> None:
     """Runs every measurement and prints the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (median)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     parser.add_argument("--families", default="bert,opt")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     size = SIZES[args.size]
     if args.worker:
         job = json.loads(args.worker)
-        if job["impl"] == "jax":
+        if job["impl"] == "matmul":
+            result = run_matmul_peak(args.steps)
+        elif job["impl"] == "jax":
             result = run_jax(job["family"], job["method"], size, args.steps)
         else:
             result = run_torch(job["family"], size, args.steps)
@@ -177,10 +193,13 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     tokens = size["batch"] * size["seq_len"]
+    peak = _measure({"impl": "matmul"}, args.steps, args.size)["flops_per_s"]
     print(f"train step, size={args.size} {size}, {tokens} tokens/step, median of "
-          f"{args.steps} steps, {os.cpu_count()} CPU cores")
+          f"{args.steps} steps, {os.cpu_count()} CPU cores, float32 matmul peak "
+          f"{peak / 1e9:.0f} GFLOP/s")
     header = (f"{'model':6} {'implementation':16} {'method':8} {'compile/1st s':>13} "
-              f"{'step ms':>9} {'tokens/s':>10} {'x HF':>6} {'x vanilla':>9} {'peak MiB':>9}")
+              f"{'step ms':>9} {'tokens/s':>10} {'x HF':>6} {'x vanilla':>9} {'GFLOP/s':>8} "
+              f"{'% peak':>6} {'peak MiB':>9}")
     print(header)
     print("-" * len(header))
     for family in args.families.split(","):
@@ -190,17 +209,22 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(("ours (JAX)", method, _measure(
                 {"impl": "jax", "family": family, "method": method}, args.steps, args.size)))
         vanilla_s = rows[1][2]["step_s"]
+        hf["flops_per_step"] = rows[1][2]["flops_per_step"]  # same shapes, same model FLOPs
         for impl, method, r in rows:
             rate = tokens / r["step_s"]
             vs_hf = rate / (tokens / hf["step_s"])
             vs_vanilla = (f"{r['step_s'] / vanilla_s:9.2f}" if impl.startswith("ours")
                           else f"{'-':>9}")
+            achieved = r["flops_per_step"] / r["step_s"]
             print(f"{family:6} {impl:16} {method:8} {r['compile_s']:13.2f} "
                   f"{1000 * r['step_s']:9.1f} {rate:10,.0f} {vs_hf:6.2f} "
-                  f"{vs_vanilla} {r['peak_rss_mib']:9.0f}")
+                  f"{vs_vanilla} {achieved / 1e9:8.1f} {100 * achieved / peak:6.1f} "
+                  f"{r['peak_rss_mib']:9.0f}")
     print("x HF: our tokens/s over HuggingFace's (same shape, batch, optimizer, dropout); "
           "x vanilla: step time over our vanilla step; compile/1st s: XLA compile (ours) or "
-          "the first eager step (PyTorch); peak MiB: the process's max RSS.")
+          "the first eager step (PyTorch); GFLOP/s: model FLOPs (6N + attention, "
+          "qtransformers.planner) per second; % peak: of the float32 matmul rate above, the "
+          "ceiling for both implementations; peak MiB: the process's max RSS.")
 
 
 if __name__ == "__main__":

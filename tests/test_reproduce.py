@@ -115,3 +115,27 @@ def test_bad_reproduce_configs_fail_before_training(tmp_path):
 def test_method_order_follows_the_paper():
     assert ordered_methods({"gated": 1, "z": 1, "vanilla": 1, "clipped": 1}) == [
         "vanilla", "clipped", "gated", "z"]
+
+
+@pytest.mark.parametrize("preset", ["cpu", "wikitext", "wikitext_long", "bert_base",
+                                    "opt_125m", "vit_s16"])
+def test_reproduce_presets_validate(preset):
+    from qtransformers.models.registry import PAPER_METHODS
+    from qtransformers.reproduce.runner import method_config, validate_reproduce_config
+    from qtransformers.train.config import load_config_file, validate_config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config_file(os.path.join(root, "configs", "reproduce.py"), preset)
+    validate_reproduce_config(config)
+    models = {m: validate_config(method_config(config, m, 1))
+              for m in ordered_methods(config.reproduce.methods)}
+    assert models["clipped"].resolved_gamma < 0 and models["gated"].gate != "none"
+    if preset in ("bert_base", "opt_125m", "vit_s16"):
+        family = models["vanilla"].family
+        for method, fields in PAPER_METHODS[family].items():
+            for key, value in fields.items():
+                assert getattr(models[method], key) == value, (method, key)
+        # the per-method recipe of configs/opt_125m.py: LayerNorm scale decay off for vanilla
+        if family == "opt":
+            assert [method_config(config, m, 0).optim.decay_ln_scale
+                    for m in ("vanilla", "clipped", "gated")] == [False, True, True]
+        assert tuple(config.reproduce.train_seeds) == (0, 1)

@@ -29,7 +29,8 @@ def reproduce_section(**overrides) -> ml_collections.ConfigDict:
         methods=ml_collections.ConfigDict(CPU_METHODS), train_seeds=(0,), ptq_seeds=(0, 1, 2),
         quant_preset="w8a8_opt", num_eval_batches=16, eval_batch_size=32,
         num_calib_batches=16, calib_batch_size=32))
-    section.update(overrides)
+    for key, value in overrides.items():  # assigned, not merged: methods are replaced whole
+        section[key] = value
     return section
 
 

@@ -29,6 +29,8 @@ from qtransformers.reproduce import analysis, plots
 from qtransformers.reproduce.report import build_report, write_report
 
 log = logging.getLogger("qtransformers.reproduce")
+# Sections a method may override besides model fields (reproduce.methods.NAME.optim.x = ...).
+CONFIG_SECTIONS = ("optim", "train", "data")
 METRIC_OF = {"bert": "perplexity", "opt": "perplexity", "vit": "accuracy"}
 
 
@@ -56,7 +58,7 @@ def validate_reproduce_config(config: ml_collections.ConfigDict) -> None:
     if "vanilla" not in methods:
         raise ValueError("reproduce.methods must include 'vanilla': the report compares every "
                          "method against it and checks that it developed outliers.")
-    known = set(ModelConfig().to_dict())
+    known = set(ModelConfig().to_dict()) | set(CONFIG_SECTIONS)
     for method, overrides in methods.items():
         unknown = sorted(set(dict(overrides)) - known)
         if unknown:
@@ -74,7 +76,14 @@ def method_config(config: ml_collections.ConfigDict, method: str,
     del cfg["reproduce"]
     cfg.model.method = "vanilla"
     for key, value in overrides.items():
-        cfg.model[key] = value
+        if key in CONFIG_SECTIONS:  # e.g. optim: {decay_ln_scale: True}
+            for field, field_value in dict(value).items():
+                if field not in cfg[key]:
+                    raise ValueError(f"reproduce.methods.{method}.{key}.{field} is not a field "
+                                     f"of config.{key}.")
+                cfg[key][field] = field_value
+        else:
+            cfg.model[key] = value
     cfg.train.seed = int(seed)
     return cfg
 
