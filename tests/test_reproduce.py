@@ -65,6 +65,7 @@ def test_report_json_and_markdown(reproduced):
     assert saved["paper"]["model"].startswith("OPT")
     history = saved["results"]["vanilla"]["history"]
     assert [h["step"] for h in history] == [3, 6]
+    assert {"first_token_max_abs", "rest_max_abs", "first_token_attention"} <= set(history[0])
 
     text = open(os.path.join(workdir, "report.md")).read()
     assert "| vanilla |" in text and "| gated |" in text and "Table 2" in text

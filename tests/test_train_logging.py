@@ -44,3 +44,43 @@ def test_progress_line_has_rate_mfu_and_eta():
     line = meter.line(20, {"loss": 1.23456}, rates)
     assert "step 20/100" in line and "loss 1.2346" in line and "tokens/s" in line
     assert "MFU" in line and "ETA" in line
+
+
+def test_outlier_eval_locates_first_token_and_attention_share():
+    import jax
+    import numpy as np
+
+    from qtransformers.models import build_model, get_model_config
+    from qtransformers.train.outliers import default_outlier_eval_fn, summarize_outliers
+
+    cfg = get_model_config("opt_tiny", num_layers=2, d_model=32, num_heads=2, d_ff=64,
+                           vocab_size=64)
+    model = build_model(cfg)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, 64, (3, 10)).astype(np.int32)
+    mask = np.ones((3, 10), np.int32)
+    mask[1, 6:] = 0  # padded tail: excluded from every statistic
+    batch = {"input_ids": ids, "attention_mask": mask}
+    params = model.init(jax.random.PRNGKey(0), ids)["params"]
+    got = {k: np.asarray(v) for k, v in default_outlier_eval_fn(model, "opt", params,
+                                                                 batch).items()}
+    _, state = model.apply({"params": params}, ids, mask, deterministic=True,
+                           mutable=["intermediates"])
+    inter = state["intermediates"]["decoder"]
+    for i in range(2):
+        x = np.asarray(inter[f"layers_{i}"]["block_output"][0])       # (B, T, d)
+        probs = np.asarray(inter[f"layers_{i}"]["attention"]["attention_probs"][0])
+        layer = f"decoder/layers_{i}"
+        np.testing.assert_allclose(got[f"first_token_inf_norm/{layer}"],
+                                   np.abs(x[:, 0]).max(-1), rtol=1e-6)
+        rest = [np.abs(x[b, 1:mask[b].sum()]).max() for b in range(3)]
+        np.testing.assert_allclose(got[f"rest_inf_norm/{layer}"], rest, rtol=1e-6)
+        share = [probs[b, :, :mask[b].sum(), 0].mean() for b in range(3)]
+        np.testing.assert_allclose(got[f"first_token_attention/{layer}"], share, rtol=1e-5)
+        # causal attention: the first query sees only the first key
+        assert np.allclose(probs[:, :, 0, 0], 1.0)
+    summary = summarize_outliers({k: float(v.mean()) for k, v in got.items()})
+    assert summary["first_token_max_abs"] == max(
+        got[f"first_token_inf_norm/decoder/layers_{i}"].mean() for i in range(2))
+    np.testing.assert_allclose(summary["first_token_attention"], np.mean(
+        [got[f"first_token_attention/decoder/layers_{i}"].mean() for i in range(2)]))

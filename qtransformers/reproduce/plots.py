@@ -52,18 +52,35 @@ def plot_per_layer(results: Mapping[str, Mapping[str, Any]], path: str) -> str:
 
 
 def plot_training_curves(results: Mapping[str, Mapping[str, Any]], path: str) -> str:
-    """Avg kurtosis and max inf-norm over training steps, one line per method."""
-    fig, (ax_kurt, ax_inf) = plt.subplots(1, 2, figsize=(10, 3.8))
+    """The emergence of outliers over training, one line per method: avg kurtosis, max
+    inf-norm, max |x| at the first token (solid) vs elsewhere (dashed), and the attention share
+    on the first token."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    (ax_kurt, ax_inf), (ax_pos, ax_att) = axes
     for method, result in results.items():
         history = result.get("history") or []
-        steps = [row["step"] for row in history]
-        ax_kurt.plot(steps, [row["avg_kurtosis"] for row in history], "o-", label=method,
-                     color=_colour(method), ms=3)
-        ax_inf.plot(steps, [row["max_inf_norm"] for row in history], "o-", label=method,
-                    color=_colour(method), ms=3)
+        colour = _colour(method)
+
+        def curve(ax, key, style="o-", label=method):
+            rows = [row for row in history if key in row]
+            if rows:
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, label=label,
+                        color=colour, ms=3)
+
+        curve(ax_kurt, "avg_kurtosis")
+        curve(ax_inf, "max_inf_norm")
+        curve(ax_pos, "first_token_max_abs", "o-", f"{method}: first token")
+        curve(ax_pos, "rest_max_abs", "x--", f"{method}: elsewhere")
+        curve(ax_att, "first_token_attention")
     ax_kurt.set(title="avg kurtosis over training", xlabel="step", ylabel="kurtosis")
     ax_inf.set(title="max inf-norm over training", xlabel="step", ylabel="max |x|")
-    ax_kurt.legend()
+    ax_pos.set(title="max |x| at the first token vs elsewhere", xlabel="step",
+               ylabel="max |x|")
+    ax_att.set(title="attention on the first token (mean over layers, heads)", xlabel="step",
+               ylabel="share", ylim=(0, 1))
+    for ax in axes.flat:
+        if ax.has_data():
+            ax.legend(fontsize=7)
     return _save(fig, path)
 
 

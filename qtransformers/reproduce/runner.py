@@ -102,9 +102,10 @@ def _token_strings(tokenizer: Any, ids: np.ndarray) -> list[str]:
 def _history(run_dir: str) -> list[dict[str, Any]]:
     """The trainer's periodic outlier evaluations of one run, in step order."""
     from qtransformers.train.writers import read_metrics
-    return [dict(step=step, avg_kurtosis=row["avg_kurtosis"], max_inf_norm=row["max_inf_norm"],
-                 per_layer={k: v for k, v in row.items()
-                            if k.startswith(("kurtosis/", "inf_norm/"))})
+    summary = ("avg_kurtosis", "max_inf_norm", "first_token_max_abs", "rest_max_abs",
+               "first_token_attention")
+    return [dict({k: row[k] for k in summary if k in row}, step=step,
+                 per_layer={k: v for k, v in row.items() if "/" in k})
             for step, row in sorted(read_metrics(run_dir, split="outliers").items())]
 
 

@@ -8,27 +8,13 @@ import flax
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
+from qtransformers.ops.metrics import inf_norm_per_sample, kurtosis_per_sample
 from qtransformers.train.objectives import apply_model
 
 # (model, family, params, batch) -> {metric name: (B,) per-sample values}
 OutlierEvalFn = Callable[[nn.Module, str, Any, Mapping[str, jax.Array]], dict[str, jax.Array]]
-
-
-def _metric_fns() -> tuple[Callable, Callable]:
-    """kurtosis_per_sample / inf_norm_per_sample from ops.metrics (local fallbacks otherwise)."""
-    try:
-        from qtransformers.ops.metrics import inf_norm_per_sample, kurtosis_per_sample
-        return kurtosis_per_sample, inf_norm_per_sample
-    except ImportError:  # the metrics module is optional for training
-        def kurtosis(x: jax.Array, where: jax.Array | None = None) -> jax.Array:
-            x = x.reshape(x.shape[0], -1).astype(jnp.float32)
-            c = x - x.mean(-1, keepdims=True)
-            return (c ** 4).mean(-1) / ((c ** 2).sum(-1) / (x.shape[1] - 1)) ** 2
-
-        def inf_norm(x: jax.Array, where: jax.Array | None = None) -> jax.Array:
-            return jnp.abs(x.reshape(x.shape[0], -1)).max(-1).astype(jnp.float32)
-        return kurtosis, inf_norm
 
 
 def block_outputs(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
@@ -41,32 +27,59 @@ def block_outputs(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
     return out
 
 
+def attention_probabilities(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """{'decoder/layers_0': (B, H, Tq, Tk), ...} from the sown 'attention_probs'."""
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
+    return {"/".join(path[:-2]): value[-1] if isinstance(value, tuple) else value
+            for path, value in flat.items() if path[-1] == "attention_probs"}
+
+
 def default_outlier_eval_fn(model: nn.Module, family: str, params: Any,
                             batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Per-sample kurtosis and inf-norm of every block output.
+    """Per-sample outlier statistics of every block output, and where the outliers sit.
 
-    Text batches mask padded positions (attention_mask). Returns
-    {'kurtosis/<layer>': (B,), 'inf_norm/<layer>': (B,)} float32.
+    Text batches mask padded positions (attention_mask). Returns float32 (B,) arrays:
+      kurtosis/<layer>, inf_norm/<layer>: over the whole (T, d) output (paper.md §5);
+      first_token_inf_norm/<layer>, rest_inf_norm/<layer>: max |x| at position 0 / elsewhere
+        (no-op heads park on the first token, and that is where the outliers fire);
+      first_token_attention/<layer>: attention probability on key 0, averaged over heads and
+        valid queries.
     """
-    kurtosis_fn, inf_norm_fn = _metric_fns()
     _, state = apply_model(model, params, batch, family, deterministic=True,
                            mutable=["intermediates"])
     where = batch["attention_mask"].astype(bool) if "attention_mask" in batch else None
     out = {}
     for layer, x in block_outputs(state["intermediates"]).items():
-        out[f"kurtosis/{layer}"] = kurtosis_fn(x, where=where)
-        out[f"inf_norm/{layer}"] = inf_norm_fn(x, where=where)
+        out[f"kurtosis/{layer}"] = kurtosis_per_sample(x, where=where)
+        out[f"inf_norm/{layer}"] = inf_norm_per_sample(x, where=where)
+        if x.ndim == 3 and x.shape[1] > 1:
+            out[f"first_token_inf_norm/{layer}"] = inf_norm_per_sample(x[:, :1])
+            out[f"rest_inf_norm/{layer}"] = inf_norm_per_sample(
+                x[:, 1:], where=None if where is None else where[:, 1:])
+    for layer, probs in attention_probabilities(state["intermediates"]).items():
+        share = probs[..., 0].astype(jnp.float32).mean(axis=1)  # (B, Tq)
+        if where is None:
+            out[f"first_token_attention/{layer}"] = share.mean(axis=-1)
+        else:
+            valid = where.astype(jnp.float32)
+            out[f"first_token_attention/{layer}"] = ((share * valid).sum(-1)
+                                                     / jnp.maximum(valid.sum(-1), 1.0))
     return out
 
 
 def summarize_outliers(per_metric_means: Mapping[str, float]) -> dict[str, Any]:
-    """Adds 'avg_kurtosis' (mean over layers) and 'max_inf_norm' (max over layers) to the
-    dataset-averaged per-layer values."""
-    kurt = [v for k, v in per_metric_means.items() if k.startswith("kurtosis/")]
-    inf = [v for k, v in per_metric_means.items() if k.startswith("inf_norm/")]
+    """Adds 'avg_kurtosis' (mean over layers), 'max_inf_norm' (max over layers),
+    'first_token_max_abs' / 'rest_max_abs' (max over layers) and 'first_token_attention' (mean
+    over layers) to the dataset-averaged per-layer values."""
+    def values(prefix: str) -> list[float]:
+        return [v for k, v in per_metric_means.items() if k.startswith(prefix + "/")]
+
     out = dict(per_metric_means)
-    if kurt:
-        out["avg_kurtosis"] = sum(kurt) / len(kurt)
-    if inf:
-        out["max_inf_norm"] = max(inf)
+    for name, prefix, reduce in (
+            ("avg_kurtosis", "kurtosis", np.mean), ("max_inf_norm", "inf_norm", max),
+            ("first_token_max_abs", "first_token_inf_norm", max),
+            ("rest_max_abs", "rest_inf_norm", max),
+            ("first_token_attention", "first_token_attention", np.mean)):
+        if values(prefix):
+            out[name] = float(reduce(values(prefix)))
     return out
