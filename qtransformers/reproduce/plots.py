@@ -14,11 +14,16 @@ import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-METHOD_COLOURS = {"vanilla": "#444444", "clipped": "#1f77b4", "gated": "#d62728"}
+METHOD_COLOURS = {"vanilla": "#444444", "clipped": "#1f77b4", "gated": "#d62728",
+                  "clipped_a2": "#6baed6", "clipped_a12": "#08306b", "gated_pi05": "#fb6a4a",
+                  "gated_mlp": "#67000d"}
+OTHER_COLOURS = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 
 
 def _colour(method: str) -> str:
-    return METHOD_COLOURS.get(method.split("_")[0], None) or "#2ca02c"
+    if method in METHOD_COLOURS:
+        return METHOD_COLOURS[method]
+    return OTHER_COLOURS[sum(map(ord, method)) % len(OTHER_COLOURS)]
 
 
 def _save(fig, path: str) -> str:
