@@ -10,7 +10,8 @@ XPK starts one container per TPU host on every slice (so every host runs the sam
 jax.distributed.initialize() needs) and sets the multislice environment. With --docker-image the
 image must already contain this project (`pip install -e .` plus jax[tpu]); with
 --base-docker-image, XPK copies --script-dir (default: this checkout) into /app of that image
-and the command installs the project first. Add --dry-run to print the xpk command only.
+and the command installs the project first (plus gcsfs and google-cloud-storage for a gs://
+workdir; a prebuilt image needs them too). Add --dry-run to print the xpk command only.
 """
 from __future__ import annotations
 
@@ -53,7 +54,9 @@ def container_command(ns: argparse.Namespace, overrides: Sequence[str]) -> str:
     if ns.docker_image:
         return train
     jax_req = f"jax[tpu]=={ns.jax_version}" if ns.jax_version else "jax[tpu]"
-    return f"python3 -m pip install -q -e . {shlex.quote(jax_req)} && {train}"
+    # gs:// workdirs: epath needs gcsfs and orbax google-cloud-storage (pyproject's [gcs] extra).
+    gcs = " gcsfs google-cloud-storage" if ns.workdir.startswith("gs://") else ""
+    return f"python3 -m pip install -q -e . {shlex.quote(jax_req)}{gcs} && {train}"
 
 
 def plan_create(ns: argparse.Namespace, overrides: Sequence[str]) -> list[common.Step]:

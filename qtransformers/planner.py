@@ -183,7 +183,7 @@ def check_fits(plan: Plan, device_memory_bytes: float, headroom: float = 0.9) ->
             f"the plan needs {plan.total_bytes / 1024**3:.2f} GiB per device but a device has "
             f"{device_memory_bytes / 1024**3:.1f} GiB ({headroom:.0%} usable): shard more "
             "(mesh fsdp / tensor), lower the per-device batch, use grad_accum_steps, "
-            "bfloat16 (model.dtype) or remat (model.remat=True).")
+            "bfloat16 activations (train.compute_dtype) or remat (model.remat=True).")
 
 
 def peak_flops_for(device_kind: str) -> float | None:

@@ -1,10 +1,11 @@
 """Random-access example sources: TFDS datasets (no TensorFlow) and synthetic images.
 
 TFDS: `tfds.data_source(name, split=...)` reads prepared ArrayRecord files with random access and
-needs no TensorFlow (prepare the data once elsewhere, e.g. `tfds build`, and point
-data.tfds_data_dir at it). Each process opens the whole split and reads only the records its
-rows need (see indexing.py) — equivalent to `tfds.split_for_jax_process` for disjointness but
-keeps the global order independent of the process count, and works under
+needs no TensorFlow (prepare the data once elsewhere with
+`tfds build NAME --file_format=array_record --data_dir=DIR`, and point data.tfds_data_dir at
+DIR; gs:// works, see docs/scaling.md). Each process opens the whole split and reads only the
+records its rows need (see indexing.py) — equivalent to `tfds.split_for_jax_process` for
+disjointness but keeps the global order independent of the process count, and works under
 `tfds.testing.mock_data`, which ignores split slicing.
 
 Every source here is a sequence: `len(src)` and `src[i]` -> str (text) or (uint8 HWC image,
@@ -38,18 +39,64 @@ def base_name(tfds_name: str) -> str:
     return tfds_name.split("/")[0].split(":")[0]
 
 
+class TFDSNotPreparedError(FileNotFoundError):
+    """A TFDS dataset is not prepared in data.tfds_data_dir, or only in a format without random
+    access (tfrecord): `tfds.data_source` needs ArrayRecord files."""
+
+
+def tfds_build_command(cfg: ml_collections.ConfigDict) -> str:
+    """The `tfds build` command line that prepares `cfg`'s dataset for `tfds.data_source`."""
+    data_dir = cfg.tfds_data_dir or "~/tensorflow_datasets"
+    return f"tfds build {cfg.tfds_name} --file_format=array_record --data_dir={data_dir}"
+
+
+def _diagnose(tfds: Any, cfg: ml_collections.ConfigDict) -> str:
+    """Why `tfds.data_source` failed, when the builder tells: not prepared / wrong format."""
+    try:
+        builder = tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir or None)
+        if not builder.is_prepared():
+            return (f"it is not prepared in {builder.data_dir} (no dataset_info.json there); "
+                    "training never downloads or prepares datasets itself")
+        formats = {f.value for f in builder.info.available_file_formats()}
+        random_access = {f.value for f in tfds.core.FileFormat.with_random_access()}
+        if not formats & random_access:
+            prepared = ", ".join(sorted(formats)) or "an unknown format"
+            return (f"it is prepared in {builder.data_dir} as {prepared} only, but training "
+                    "reads records by index (tfds.data_source), which needs array_record "
+                    "(or parquet) files; prepare it again into another data_dir, or "
+                    "convert it with `tfds convert_format --dataset_version_dir="
+                    f"{builder.data_dir} --out_file_format=array_record`")
+    except Exception:  # noqa: BLE001 - the original error below says the rest
+        pass
+    return ""
+
+
 def open_tfds(cfg: ml_collections.ConfigDict, split: str) -> Any:
-    """The TFDS data source of `split` (random access, len); clear errors when it is missing."""
+    """The TFDS data source of `split` (random access, len); clear errors when it is missing.
+
+    Never downloads or prepares: on a multi-host pod every host would do it at once. Prepare
+    the dataset once (`tfds_build_command(cfg)`, on a machine with TensorFlow) and point
+    data.tfds_data_dir at it.
+
+    Raises:
+      TFDSNotPreparedError: the dataset, split or format is not there (the message names the
+        `tfds build ... --file_format=array_record` command).
+    """
     import tensorflow_datasets as tfds
 
     try:
-        return tfds.data_source(cfg.tfds_name, split=split, data_dir=cfg.tfds_data_dir or None)
+        return tfds.data_source(cfg.tfds_name, split=split, data_dir=cfg.tfds_data_dir or None,
+                                download=False)
     except Exception as e:  # tfds raises several types (DatasetNotFoundError, AssertionError ...)
-        raise FileNotFoundError(
+        reason = _diagnose(tfds, cfg)
+        raise TFDSNotPreparedError(
             f"data.tfds_name={cfg.tfds_name!r} split={split!r} could not be opened from "
-            f"data.tfds_data_dir={cfg.tfds_data_dir or '(TFDS default)'!r}: {e}. Prepare it "
-            "first (e.g. `tfds build` on a machine with TensorFlow, file_format=array_record) "
-            "or fix the name / split / data_dir.") from e
+            f"data.tfds_data_dir={cfg.tfds_data_dir or '(TFDS default)'!r}"
+            + (f": {reason}" if reason else "")
+            + f". Prepare it once as ArrayRecord on a machine with TensorFlow: "
+            f"`{tfds_build_command(cfg)}` (then copy it or point data.tfds_data_dir at it, "
+            f"gs:// works), or fix the name / split / data_dir. ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300] if str(e) else ''})") from e
 
 
 def text_feature(cfg: ml_collections.ConfigDict) -> str:

@@ -13,11 +13,14 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from qtransformers import fileio
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # Word-level pre-tokenization: <unk>-style tags (WikiText), runs of word characters, or one
@@ -134,15 +137,14 @@ class WordTokenizer(Tokenizer):
         """Write the vocabulary as JSON (loaded back by `WordTokenizer.load`)."""
         data = {"format": "qtransformers-word-vocab", "vocab_size": self.vocab_size,
                 "specials": list(SPECIAL_TOKENS), "words": self.words}
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(path)  # atomic: other processes never read a half-written file
+        fileio.makedirs(os.path.dirname(os.fspath(path)) or ".")
+        # atomic: other processes never read a half-written file (local or gs://)
+        fileio.write_text(path, json.dumps(data, ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | Path) -> WordTokenizer:
         """Read a vocabulary written by `save`."""
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(fileio.read_text(path))
         if data.get("format") != "qtransformers-word-vocab":
             raise ValueError(f"{str(path)!r} is not a qtransformers word vocabulary file.")
         return cls(data["words"], int(data["vocab_size"]))

@@ -2,8 +2,8 @@
 
 Cache: <workdir>/tokenizer/word-<key>.json, key = hash of every field that changes the
 vocabulary (source, paths, TFDS name / split, vocab_size, ... and the Python version for the
-built-in corpus). Every process builds the same vocabulary, so a shared or a local workdir both
-work; the file is written atomically.
+built-in corpus). Every process builds the same vocabulary, so a shared, a local or a remote
+(gs://) workdir all work; the file is written atomically.
 """
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from pathlib import Path
 from collections.abc import Sequence
 
 import ml_collections
+from etils import epath
 
+from qtransformers import fileio
 from qtransformers.data.config import BUILTIN_TOKENIZERS, is_tokenizer_file
 from qtransformers.data.corpus import local_lines
 from qtransformers.data.hf_tokenizers import load_tokenizer_file
@@ -42,9 +44,9 @@ def _vocab_texts(cfg: ml_collections.ConfigDict) -> Sequence[str]:
     return local_lines(cfg, "train")
 
 
-def word_vocab_path(cfg: ml_collections.ConfigDict, workdir: str | Path) -> Path:
-    """Where the 'word' vocabulary of `cfg` is cached under `workdir`."""
-    return Path(workdir) / "tokenizer" / f"word-{_vocab_key(cfg)}.json"
+def word_vocab_path(cfg: ml_collections.ConfigDict, workdir: str | Path) -> epath.Path:
+    """Where the 'word' vocabulary of `cfg` is cached under `workdir` (local or gs://...)."""
+    return epath.Path(workdir) / "tokenizer" / f"word-{_vocab_key(cfg)}.json"
 
 
 def build_tokenizer(cfg: ml_collections.ConfigDict, workdir: str | Path | None = None
@@ -58,7 +60,7 @@ def build_tokenizer(cfg: ml_collections.ConfigDict, workdir: str | Path | None =
         return ByteTokenizer()
     if name == "word":
         path = word_vocab_path(cfg, workdir) if workdir is not None else None
-        if path is not None and path.is_file():
+        if path is not None and fileio.isfile(path):
             return WordTokenizer.load(path)
         tok = WordTokenizer.build(_vocab_texts(cfg), cfg.vocab_size)
         if path is not None:

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from qtransformers import fileio
 from qtransformers.evaluate.outliers import collect_outlier_metrics
 from qtransformers.evaluate.report import format_table, per_layer_rows, ptq_row, write_json
 from qtransformers.models import ModelConfig, build_model, get_model_config
@@ -74,8 +75,7 @@ def _fail(message: str) -> None:
 
 
 def _read_json(path: str) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(fileio.read_text(path))  # local or remote (gs://)
 
 
 def restore_trainer_workdir(workdir: str) -> tuple[ModelConfig, Any, dict]:
@@ -83,7 +83,7 @@ def restore_trainer_workdir(workdir: str) -> tuple[ModelConfig, Any, dict]:
     import orbax.checkpoint as ocp
     meta = _read_json(os.path.join(workdir, "config.json"))
     model_cfg = ModelConfig.from_dict(meta["resolved_model"])
-    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    ckpt_dir = os.path.join(fileio.absolute(workdir), "checkpoints")
     manager = ocp.CheckpointManager(ckpt_dir, item_handlers={
         "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
     step = manager.latest_step()
@@ -104,21 +104,23 @@ def restore_trainer_workdir(workdir: str) -> tuple[ModelConfig, Any, dict]:
 
 
 def _read_params_file(path: str) -> Any:
-    if os.path.isdir(path):
+    if fileio.isdir(path):
         import orbax.checkpoint as ocp
-        params = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
+        params = ocp.PyTreeCheckpointer().restore(fileio.absolute(path))
     else:
         from flax import serialization
-        with open(path, "rb") as f:
-            params = serialization.msgpack_restore(f.read())
+        params = serialization.msgpack_restore(fileio.read_bytes(path))
     return params.get("params", params) if isinstance(params, dict) else params
 
 
 def load_source(args: argparse.Namespace) -> tuple[ModelConfig, Any, dict]:
     """(model config, params, trainer run config or {}) for the --checkpoint / --model flags."""
     path = args.checkpoint
+    problem = fileio.remote_support_problem(path)
+    if problem:
+        _fail(f"--checkpoint {problem}")
     config_json = os.path.join(path, "config.json") if path else ""
-    if path and os.path.isfile(config_json):
+    if path and fileio.isfile(config_json):
         meta = _read_json(config_json)
         if "resolved_model" in meta:
             return restore_trainer_workdir(path)
@@ -130,7 +132,7 @@ def load_source(args: argparse.Namespace) -> tuple[ModelConfig, Any, dict]:
               "pointing at a trainer workdir / HF folder")
     model_cfg = get_model_config(args.model, args.method)
     if path:
-        if not os.path.exists(path):
+        if not fileio.exists(path):
             _fail(f"--checkpoint {path!r} does not exist")
         return model_cfg, _read_params_file(path), {}
     model = build_model(model_cfg)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -16,7 +15,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from qtransformers import fileio
+
 logger = logging.getLogger(__name__)
+
+_CORRUPT_README = ("Checkpoint steps that did not restore, moved here by qtransformers so that "
+                   "training could save those steps again.\n")
 
 
 def gather_data_states(state: Any) -> dict[str, Any]:
@@ -59,7 +63,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, every: int, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = fileio.absolute(directory)  # gs://... stays as it is
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(every, 1), max_to_keep=keep,
             enable_async_checkpointing=async_save, create=True)
@@ -116,10 +120,12 @@ class Checkpointer:
         """Moves unrestorable step directories out of the manager's directory."""
         if jax.process_index() == 0:
             target_dir = self.directory + "_corrupt"
-            os.makedirs(target_dir, exist_ok=True)
+            fileio.makedirs(target_dir)
+            if fileio.is_remote(target_dir):  # an object-store folder exists only with a file
+                fileio.write_text(os.path.join(target_dir, "README.txt"), _CORRUPT_README)
             for step in steps:
                 destination = os.path.join(target_dir, f"{step}-{int(time.time())}")
-                shutil.move(os.path.join(self.directory, str(step)), destination)
+                fileio.move(os.path.join(self.directory, str(step)), destination)
                 logger.warning("moved unrestorable checkpoint step %d to %s", step, destination)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("qtransformers_checkpoint_quarantine")

@@ -11,6 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from qtransformers import fileio
 from qtransformers.models.registry import build_model
 from qtransformers.train import checkpointing, flops, inputs
 from qtransformers.train import mesh as mesh_lib
@@ -37,6 +38,7 @@ class Trainer:
                  outlier_eval_fn: outliers_lib.OutlierEvalFn | None = None,
                  devices: Sequence[jax.Device] | None = None):
         self.model_cfg = validate_config(config)
+        fileio.check_remote_support(workdir)  # gs:// without gcsfs: a clear error, not orbax's
         mesh_lib.maybe_initialize_distributed(config.distributed)
         self.mesh = mesh_lib.make_mesh(config.mesh.shape, devices)
         validate_for_devices(config, tuple(self.mesh.shape.values()), jax.process_count())
@@ -244,10 +246,10 @@ def _due(step: int, every: int, last: bool) -> bool:
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict, model_cfg: Any) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump({"config": json.loads(config.to_json_best_effort()),
-                   "resolved_model": model_cfg.to_dict()}, f, indent=2)
+    fileio.makedirs(workdir)  # local or remote (gs://) workdir
+    fileio.write_text(os.path.join(workdir, "config.json"), json.dumps(
+        {"config": json.loads(config.to_json_best_effort()),
+         "resolved_model": model_cfg.to_dict()}, indent=2))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,

@@ -54,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       argv: like sys.argv (argv[0], the program name, is skipped).
     Returns:
       0 on success (also after a SIGTERM-triggered save), 1 when training diverged (NaN / inf)
-      or the multi-process runtime did not start, 2 on a bad command line or config.
+      or the multi-process runtime did not start, 2 on a bad command line or config (or a TFDS
+      dataset that is not prepared as ArrayRecord).
     """
     argv = list(sys.argv if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -63,10 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags.FLAGS.mark_as_parsed()
     from qtransformers.train.loop import NonFiniteLossError, Trainer  # heavy imports
     from qtransformers.train.mesh import DistributedInitError
+    from qtransformers.data.sources import TFDSNotPreparedError
     try:
         config, workdir = parse_args(argv)
         trainer = Trainer(config, workdir)  # validates the whole config before any work
-    except (flags.Error, ValueError) as err:
+    except (flags.Error, ValueError, TFDSNotPreparedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except DistributedInitError as err:
@@ -77,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except TFDSNotPreparedError as err:  # the training data opened only now (byte tokenizer)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(final, default=str))
     return 0
 

@@ -1,12 +1,17 @@
-"""Metric writers (tensorboardX + JSONL, process 0 only) and the console progress line."""
+"""Metric writers (tensorboardX + JSONL, process 0 only; local or gs:// workdirs) and the console
+progress line."""
 from __future__ import annotations
 
 import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Mapping
+
+from qtransformers import fileio
 
 logger = logging.getLogger(__name__)
 
@@ -27,22 +32,45 @@ class MetricWriter:
     """Writes scalars to tensorboardX (workdir/tensorboard) and one JSON line per record to
     workdir/metrics.jsonl: {"step": s, "split": "train" | "eval" | "outliers", ...}.
 
-    Does nothing unless `enabled` (process 0).
+    Does nothing unless `enabled` (process 0). A remote workdir (gs://...) cannot be appended
+    to, so both files are then written to a local staging folder and copied to the workdir
+    every `sync_every_secs` seconds and on `close` (a resumed run first downloads the existing
+    metrics.jsonl); TensorBoard reads the copied event files from gs:// directly. A failed copy
+    is logged and retried at the next sync, never raised into training.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, sync_every_secs: float = 60.0):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
+        self._remote: str | None = None
+        self.local_dir = workdir
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
+        if fileio.is_remote(workdir):
+            self._remote, self.local_dir = workdir, self._stage(workdir)
+        else:
+            os.makedirs(workdir, exist_ok=True)
+        self._sync_every, self._last_sync = sync_every_secs, time.monotonic()
+        self._uploaded: dict[str, tuple[int, int]] = {}  # staged file -> (size, mtime_ns)
+        self._jsonl = open(os.path.join(self.local_dir, METRICS_FILE), "a", encoding="utf-8")
         try:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(self.local_dir, "tensorboard"))
         except ImportError:  # optional: the JSONL file has everything
             logger.warning("tensorboardX is not installed; writing metrics.jsonl only.")
+
+    @staticmethod
+    def _stage(workdir: str) -> str:
+        """A local staging folder holding a copy of the remote metrics.jsonl (if any)."""
+        local = tempfile.mkdtemp(prefix="qtransformers-logs-")
+        remote_jsonl = os.path.join(workdir, METRICS_FILE)
+        if fileio.exists(remote_jsonl):
+            with open(os.path.join(local, METRICS_FILE), "wb") as f:
+                f.write(fileio.read_bytes(remote_jsonl))
+        logger.info("workdir %s is remote: metrics.jsonl and TensorBoard events are written to "
+                    "%s and copied to the workdir periodically and at the end.", workdir, local)
+        return local
 
     def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
         """Records `metrics` (scalars or nested dicts of scalars) at `step`."""
@@ -55,15 +83,50 @@ class MetricWriter:
             for name, value in _flatten(metrics).items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(f"{split}/{name}", value, step)
+        if self._remote and time.monotonic() - self._last_sync >= self._sync_every:
+            self.sync()
+
+    def sync(self) -> bool:
+        """Copies the staged files that changed to the remote workdir (no-op for a local one);
+        returns False (after a warning) when a copy failed."""
+        if not self._remote:
+            return True
+        self._last_sync = time.monotonic()
+        if self._tb is not None:
+            self._tb.flush()
+        ok = True
+        for root, _, names in os.walk(self.local_dir):
+            for name in sorted(names):
+                local = os.path.join(root, name)
+                stat = os.stat(local)
+                if self._uploaded.get(local) == (stat.st_size, stat.st_mtime_ns):
+                    continue
+                relative = os.path.relpath(local, self.local_dir).replace(os.sep, "/")
+                try:
+                    fileio.copy_to(local, f"{self._remote.rstrip('/')}/{relative}")
+                except Exception as err:  # network / permission errors of many types
+                    logger.warning("could not copy %s to %s (%s: %s); retrying at the next "
+                                   "sync.", local, self._remote, type(err).__name__, err)
+                    ok = False
+                    continue
+                self._uploaded[local] = (stat.st_size, stat.st_mtime_ns)
+        return ok
 
     def close(self) -> None:
-        """Flushes and closes both files."""
+        """Flushes and closes both files (and copies them to a remote workdir)."""
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._remote:
+            if self.sync():
+                shutil.rmtree(self.local_dir, ignore_errors=True)
+            else:
+                logger.warning("the logs of %s stay in %s; copy them by hand.", self._remote,
+                               self.local_dir)
+            self._remote = None
 
 
 def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -81,14 +144,13 @@ def read_metrics(workdir: str, split: str = "train") -> dict[int, dict[str, Any]
     last record."""
     out: dict[int, dict[str, Any]] = {}
     path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         return out
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                if record.get("split") == split:
-                    out[int(record["step"])] = record
+    for line in fileio.read_text(path).split("\n"):
+        if line.strip():
+            record = json.loads(line)
+            if record.get("split") == split:
+                out[int(record["step"])] = record
     return out
 
 
