@@ -108,6 +108,9 @@ def test_bad_reproduce_configs_fail_before_training(tmp_path):
     config.reproduce.methods = {"vanilla": {}, "odd": {"not_a_field": 1}}
     with pytest.raises(ValueError, match="unknown model fields"):
         run_reproduce(config, str(tmp_path))
+    config.reproduce.methods = {"vanilla": {}}
+    with pytest.raises(ValueError, match="local"):
+        run_reproduce(config, "gs://bucket/reproduce")
     assert not os.listdir(tmp_path)
     assert reproduce_main.main(["qtransformers reproduce", "--workdir", str(tmp_path / "x"),
                                 "--config.train.global_batch_size=-3"]) == 2

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from qtransformers import data as data_lib
+from qtransformers import fileio
 from qtransformers.evaluate.main import restore_trainer_workdir
 from qtransformers.evaluate.outliers import collect_outlier_metrics
 from qtransformers.models import ModelConfig, build_model
@@ -188,6 +189,10 @@ def run_reproduce(config: ml_collections.ConfigDict, workdir: str, *,
     """
     from qtransformers.train.config import validate_config
     validate_reproduce_config(config)
+    if fileio.is_remote(workdir):
+        raise ValueError(f"reproduce --workdir={workdir!r}: the report, plots and resume markers "
+                         "are written with local file I/O; give a local (or gcsfuse-mounted) "
+                         "folder. Single trainings (`qtransformers train`) accept gs:// workdirs.")
     rcfg = config.reproduce
     runs = [(m, s) for m in ordered_methods(rcfg.methods) for s in rcfg.train_seeds]
     for method, seed in runs:  # every run's config is validated before any training
