@@ -71,7 +71,8 @@ def test_bad_values_name_the_field():
             ("optim", "schedule", "step", "optim.schedule"),
             ("train", "compute_dtype", "float8", "train.compute_dtype"),
             ("model", "method", "magic", "model.method"),
-            ("optim", "grad_accum_steps", 3, "grad_accum_steps=3")):
+            ("optim", "grad_accum_steps", 3, "grad_accum_steps=3"),
+            ("train", "mlm_max_predictions", 20, "masked LM \\(bert\\) only")):
         config = tiny()
         config[section][key] = value
         with pytest.raises(ValueError, match=pattern):

@@ -86,3 +86,42 @@ def test_grad_accumulation_equals_one_big_batch(preset="opt_tiny"):
     assert m1["weight_sum"] == m2["weight_sum"]
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_mlm_head_on_masked_positions_only_equals_the_full_head():
+    import jax
+    import numpy as np
+
+    from qtransformers.models import build_model, get_model_config
+    from qtransformers.train.objectives import (apply_model, compute_objective,
+                                                select_predictions)
+
+    cfg = get_model_config("bert_tiny", num_layers=1, vocab_size=97)
+    model = build_model(cfg)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 97, (4, 24)).astype(np.int32)
+    weights = (rng.random((4, 24)) < 0.25).astype(np.float32)
+    weights[3] = 0.0  # a row with nothing to predict
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "targets": rng.integers(5, 97, (4, 24)).astype(np.int32), "weights": weights}
+    params = model.init(jax.random.PRNGKey(0), ids)["params"]
+
+    def loss(p, b):
+        sums = compute_objective("bert", apply_model(model, p, b, "bert", deterministic=True), b)
+        return sums["loss_sum"] / sums["weight_sum"], sums
+
+    k = int(weights.sum(1).max())
+    (full, full_sums), full_grads = jax.value_and_grad(loss, has_aux=True)(params, batch)
+    selected = select_predictions(batch, k)
+    assert selected["predict_positions"].shape == (4, k)
+    np.testing.assert_array_equal(  # the weighted positions, in order
+        np.asarray(selected["predict_positions"][0][:int(weights[0].sum())]),
+        np.flatnonzero(weights[0]))
+    (part, part_sums), part_grads = jax.value_and_grad(loss, has_aux=True)(params, selected)
+    np.testing.assert_allclose(part, full, rtol=1e-6)
+    assert float(part_sums["weight_sum"]) == weights.sum()
+    for a, b in zip(jax.tree.leaves(part_grads), jax.tree.leaves(full_grads)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+    # A smaller K keeps the first K weighted positions of each row.
+    capped = select_predictions(batch, 2)
+    assert float(capped["weights"].sum()) == np.minimum(weights.sum(1), 2).sum()

@@ -18,14 +18,16 @@ class BertForMaskedLM(nn.Module):
     The MLM head is transform (Dense, GELU, LayerNorm) + decoder tied to the word embeddings
     + bias; it is not quantized by default.
     Call: input_ids (B, T) int, attention_mask (B, T) 1 for real tokens, token_type_ids (B, T)
-      -> logits (B, T, vocab_size) float32.
+      -> logits (B, T, vocab_size) float32; with predict_positions (B, K) int, the MLM head runs
+      on those positions only -> (B, K, vocab_size) (training on masked positions).
     """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 token_type_ids: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+                 token_type_ids: jax.Array | None = None, deterministic: bool = True,
+                 predict_positions: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         init = nn.initializers.normal(cfg.init_std)
         seq_len = input_ids.shape[-1]
@@ -46,6 +48,8 @@ class BertForMaskedLM(nn.Module):
 
         padding_mask = None if attention_mask is None else attention_mask.astype(bool)
         x = Encoder(cfg, causal=False, name="encoder")(x, padding_mask, deterministic)
+        if predict_positions is not None:
+            x = jnp.take_along_axis(x, predict_positions[..., None].astype(jnp.int32), axis=1)
         return MlmHead(cfg, name="mlm_head")(x, word)
 
 

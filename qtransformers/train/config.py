@@ -66,7 +66,9 @@ def base_config(preset: str, method: str = "vanilla") -> ml_collections.ConfigDi
       eval_every / outlier_eval_every (0 = never; also at the last step); eval_steps /
       outlier_eval_steps (eval batches, 0 = the whole split); eval_batch_size (0 = the global
       batch); checkpoint_every (0 = no checkpoints except on SIGTERM); keep_checkpoints;
-      async_checkpoint; compute_dtype 'float32' | 'bfloat16' (params stay float32).
+      async_checkpoint; compute_dtype 'float32' | 'bfloat16' (params stay float32);
+      mlm_max_predictions (masked LM: run the MLM head on at most this many masked positions per
+      row instead of all T, as BERT's max_predictions_per_seq; 0 = every position).
     mesh: shape {'data', 'fsdp', 'tensor'} (one -1 = the remaining devices);
       logical_axis_rules (logical axis name -> mesh axes).
     distributed: coordinator_address 'host:port', num_processes, process_id (None =
@@ -83,7 +85,7 @@ def base_config(preset: str, method: str = "vanilla") -> ml_collections.ConfigDi
         global_batch_size=32, num_steps=1000, seed=0, log_every=50, eval_every=1000,
         eval_steps=20, eval_batch_size=0, outlier_eval_every=0, outlier_eval_steps=4,
         checkpoint_every=1000, keep_checkpoints=3, async_checkpoint=True,
-        compute_dtype="float32"))
+        compute_dtype="float32", mlm_max_predictions=0))
     config.mesh = ml_collections.ConfigDict(dict(
         shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
         logical_axis_rules=DEFAULT_LOGICAL_AXIS_RULES))
@@ -191,8 +193,12 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     for key in ("global_batch_size", "num_steps", "log_every", "keep_checkpoints"):
         _positive_int(train[key], f"train.{key}")
     for key in ("eval_every", "eval_steps", "eval_batch_size", "outlier_eval_every",
-                "outlier_eval_steps", "checkpoint_every"):
+                "outlier_eval_steps", "checkpoint_every", "mlm_max_predictions"):
         _positive_int(train[key], f"train.{key}", 0)
+    if train.mlm_max_predictions and model_cfg.family != "bert":
+        raise ValueError(f"train.mlm_max_predictions={train.mlm_max_predictions} applies to "
+                         f"masked LM (bert) only; set it to 0 for model.family="
+                         f"{model_cfg.family!r}.")
     if train.global_batch_size % optim.grad_accum_steps:
         raise ValueError(f"train.global_batch_size={train.global_batch_size} is not divisible by "
                          f"optim.grad_accum_steps={optim.grad_accum_steps}; pick a batch that is "
@@ -224,7 +230,7 @@ _OPTIM_KEYS = {"name", "lr", "b1", "b2", "eps", "weight_decay", "decay_ln_scale"
                "warmup_steps", "schedule", "min_lr_ratio", "clip_norm", "grad_accum_steps"}
 _TRAIN_KEYS = {"global_batch_size", "num_steps", "seed", "log_every", "eval_every", "eval_steps",
                "eval_batch_size", "outlier_eval_every", "outlier_eval_steps", "checkpoint_every",
-               "keep_checkpoints", "async_checkpoint", "compute_dtype"}
+               "keep_checkpoints", "async_checkpoint", "compute_dtype", "mlm_max_predictions"}
 _DIST_KEYS = {"coordinator_address", "num_processes", "process_id", "initialization_timeout"}
 
 

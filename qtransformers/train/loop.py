@@ -68,7 +68,8 @@ class Trainer:
         init = make_init_fn(self.model, self.model_cfg, self.tx, self.seq_len)
         self.init_fn = jax.jit(init, out_shardings=self.shardings)
         step = make_train_step(self.model, self.family, self.tx, self.schedule,
-                               self.config.optim.grad_accum_steps, self.mesh, self.rules)
+                               self.config.optim.grad_accum_steps, self.mesh, self.rules,
+                               self.config.train.mlm_max_predictions)
         # One prefix sharding for every batch array: rows over the data-parallel axes.
         batch_sharding = mesh_lib.batch_sharding(self.mesh, self.rules, 1)
         self.train_step = jax.jit(step, in_shardings=(self.shardings, batch_sharding),

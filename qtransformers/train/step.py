@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from qtransformers.train.objectives import apply_model, compute_objective
+from qtransformers.train.objectives import apply_model, compute_objective, select_predictions
 from qtransformers.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -36,7 +36,8 @@ def _split_micro_batches(batch: Batch, accum: int, mesh: jax.sharding.Mesh | Non
 
 def make_train_step(model: nn.Module, family: str, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int = 1,
-                    mesh: jax.sharding.Mesh | None = None, rules: Sequence = ()
+                    mesh: jax.sharding.Mesh | None = None, rules: Sequence = (),
+                    mlm_max_predictions: int = 0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """`train_step(state, batch) -> (state, metrics)`: one optimizer update.
 
@@ -48,10 +49,14 @@ def make_train_step(model: nn.Module, family: str, tx: optax.GradientTransformat
     Args:
       batch: {name: (B, ...)} global arrays (B = global batch size).
       mesh, rules: constrain micro-batches to the data-parallel axes (None: no constraint).
+      mlm_max_predictions: masked LM only: the MLM head runs on at most this many masked
+        positions per row (objectives.select_predictions); 0 = on all T positions.
     Returns metrics: loss, accuracy (over weighted positions), weight_sum, grad_norm,
       learning_rate (of this update) - scalars.
     """
     def loss_fn(params: Any, micro: Batch, rng: jax.Array):
+        if mlm_max_predictions and family == "bert":
+            micro = select_predictions(micro, mlm_max_predictions)
         logits = apply_model(model, params, micro, family, deterministic=False, dropout_rng=rng)
         sums = compute_objective(family, logits, micro)
         return sums["loss_sum"], sums
