@@ -143,3 +143,16 @@ def test_reproduce_presets_validate(preset):
             assert [method_config(config, m, 0).optim.decay_ln_scale
                     for m in ("vanilla", "clipped", "gated")] == [False, True, True]
         assert tuple(config.reproduce.train_seeds) == (0, 1)
+
+
+def test_curves_cli_plots_and_tabulates_trainer_runs(reproduced, tmp_path, capsys):
+    from qtransformers.reproduce import curves
+    workdir, report, _ = reproduced
+    runs = [os.path.join(workdir, "runs", f"{m}-seed0") + f"={m}" for m in ("vanilla", "gated")]
+    out = str(tmp_path / "curves.png")
+    assert curves.main([*runs, "--out", out, "--table"]) == 0
+    _check_png(out)
+    table = capsys.readouterr().out
+    history = report["results"]["vanilla"]["history"]
+    assert f"| vanilla | 6 | {history[-1]['avg_kurtosis']:.3g} |" in table
+    assert curves.main([str(tmp_path), "--out", out]) == 2  # not a trainer workdir

@@ -100,7 +100,7 @@ def _token_strings(tokenizer: Any, ids: np.ndarray) -> list[str]:
     return [names.get(int(i)) or tokenizer.decode([int(i)]) or "?" for i in ids]
 
 
-def _history(run_dir: str) -> list[dict[str, Any]]:
+def training_history(run_dir: str) -> list[dict[str, Any]]:
     """The trainer's periodic outlier evaluations of one run, in step order."""
     from qtransformers.train.writers import read_metrics
     summary = ("avg_kurtosis", "max_inf_norm", "first_token_max_abs", "rest_max_abs",
@@ -148,7 +148,7 @@ def evaluate_run(cfg: ml_collections.ConfigDict, run_dir: str,
                   losses=[r["loss"] for r in quantized["per_seed"]]),
         outliers=dict(max_inf_norm=outliers["max_inf_norm"],
                       avg_kurtosis=outliers["avg_kurtosis"], **layer_view),
-        history=_history(run_dir),
+        history=training_history(run_dir),
         attention=analysis.attention_heads(layers, tokens, token_mask),
         gates=analysis.gate_distribution(layers),
         channels=analysis.outlier_channels(layers, token_mask))
