@@ -1,28 +1,17 @@
-"""BERT-6L (6 layers, 12 heads, d 768): the paper's ablation model (paper.md §6), BERT-base
-recipe. The paper's ablations train on WikiText-103: pass --config.data.source=text
---config.data.path=/path/to/wikitext-103 (one .txt file or a folder).
+"""BERT-6L (6 layers, 12 heads, d 768): the paper's ablation model (paper.md §6) with the
+BERT-base recipe (configs/bert_base.py). The paper's ablations train on WikiText-103: pass
+--config.data.source=text --config.data.path=/path/to/wikitext-103 (one .txt file or a folder).
 
 Usage: --config configs/bert_6l.py:method=gated   (vanilla | clipped | gated)
 """
-from qtransformers.train.config import base_config, parse_config_arg
+import os
+
+from qtransformers.train.config import load_config_file, parse_config_arg
 
 
 def get_config(arg=None):
     """The experiment config for `arg` = 'vanilla' | 'clipped' | 'gated' (or method=...)."""
-    args = parse_config_arg(arg, method="vanilla")
-    config = base_config("bert_6l", args["method"])
-    config.data.source = "tfds"
-    config.data.tfds_name = "wiki40b/en"
-    config.data.objective = "mlm"
-    config.data.seq_len = 128
-    config.data.tokenizer = "word"
-    config.data.vocab_size = 30522
-    config.optim.update(lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
-                        warmup_steps=10_000, schedule="linear", clip_norm=1.0)
-    # The MLM head runs on at most 32 masked positions of the 128 (15%: 19.2 +- 4 per row),
-    # like BERT's max_predictions_per_seq; it skips ~20% of the step's FLOPs.
-    config.train.mlm_max_predictions = 32
-    config.train.update(global_batch_size=256, num_steps=1_000_000, log_every=100,
-                        eval_every=10_000, eval_steps=50, outlier_eval_every=50_000,
-                        checkpoint_every=10_000, compute_dtype="bfloat16")
+    method = parse_config_arg(arg, method="vanilla")["method"]
+    config = load_config_file(os.path.join(os.path.dirname(__file__), "bert_base.py"), method)
+    config.model.preset = "bert_6l"
     return config

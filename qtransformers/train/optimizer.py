@@ -7,19 +7,10 @@ from typing import Any, Callable, Sequence
 import jax
 import optax
 
+from qtransformers.quant.params import path_to_str
+
 SCHEDULES = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw",)
-
-
-def _path_names(path: tuple[Any, ...]) -> list[str]:
-    """Key names of a tree path, e.g. ['encoder', 'layers_0', 'mlp', 'output', 'bias']."""
-    names = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                names.append(str(getattr(key, attr)))
-                break
-    return names
 
 
 def is_bias(names: Sequence[str]) -> bool:
@@ -47,7 +38,7 @@ def decay_mask(params: Any, decay_ln_scale: bool = False,
       a pytree of bools with the structure of `params`.
     """
     def decide(path: tuple[Any, ...], _: Any) -> bool:
-        names = _path_names(path)
+        names = path_to_str(path).split("/")
         joined = "/".join(names)
         if any(fnmatch.fnmatchcase(joined, pattern) for pattern in no_decay):
             return False
