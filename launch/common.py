@@ -16,7 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from typing import Iterable, Sequence, TextIO, Union
+from typing import Callable, Iterable, Sequence, TextIO, Union
 
 INSTALL_HINTS: dict[str, str] = {
     "gcloud": ("install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install), "
@@ -87,6 +87,26 @@ def render(step: Step) -> str:
         body = step.content if step.content.endswith("\n") else step.content + "\n"
         return f"cat > {shlex.quote(step.path)} <<'{_HEREDOC_END}'\n{body}{_HEREDOC_END}"
     return shlex.join(list(step))
+
+
+def launcher_main(build_parser: Callable[[], argparse.ArgumentParser],
+                  plan: Callable[[argparse.Namespace, Sequence[str]], list[Step]],
+                  argv: Sequence[str] | None, tools: Sequence[str] = ()) -> int:
+    """The shared `main` of a launcher: parse argv (flags, then config overrides), build the
+    plan, check `tools` are on PATH unless --dry-run, then print or execute the plan.
+
+    Returns the exit status: 2 (with the reason on stderr) for a bad plan or a missing tool.
+    """
+    parser = build_parser()
+    ns, overrides = parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
+    try:
+        steps = plan(ns, overrides)
+        if tools and not ns.dry_run:
+            require_tools(tools)  # say so before a tool fails half-way
+    except (ValueError, MissingToolError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_plan(steps, ns.dry_run)
 
 
 def run_plan(steps: Sequence[Step], dry_run: bool, out: TextIO | None = None) -> int:

@@ -122,14 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse argv, render and print (--dry-run) or submit the job; returns the exit status."""
-    parser = build_parser()
-    ns, overrides = common.parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
-    try:
-        steps = plan(ns, overrides)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return common.run_plan(steps, ns.dry_run)
+    return common.launcher_main(build_parser, plan, argv)
 
 
 if __name__ == "__main__":

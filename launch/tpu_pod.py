@@ -216,14 +216,7 @@ def plan(ns: argparse.Namespace, overrides: Sequence[str] = ()) -> list[common.S
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse argv, build the plan and print (--dry-run) or execute it; returns the exit status."""
-    parser = build_parser()
-    ns, overrides = common.parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
-    try:
-        steps = plan(ns, overrides)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return common.run_plan(steps, ns.dry_run)
+    return common.launcher_main(build_parser, plan, argv)
 
 
 if __name__ == "__main__":

@@ -132,21 +132,9 @@ def plan(ns: argparse.Namespace, overrides: Sequence[str] = ()) -> list[common.S
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse argv, build the plan and print (--dry-run) or execute it; returns the exit status."""
-    parser = build_parser()
-    ns, overrides = common.parse_with_overrides(parser, sys.argv[1:] if argv is None else argv)
-    try:
-        steps = plan(ns, overrides)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not ns.dry_run:
-        try:  # xpk shells out to both; say so before it fails half-way.
-            common.require_tools(["xpk", "gcloud", "kubectl"])
-        except common.MissingToolError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    return common.run_plan(steps, ns.dry_run)
+    """Parse argv, build the plan and print (--dry-run) or execute it; returns the exit status.
+    xpk shells out to gcloud and kubectl too: all three must be on PATH."""
+    return common.launcher_main(build_parser, plan, argv, tools=("xpk", "gcloud", "kubectl"))
 
 
 if __name__ == "__main__":

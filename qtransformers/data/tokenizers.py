@@ -10,6 +10,7 @@ HuggingFace `tokenizers` .json files and SentencePiece .model files load through
 """
 from __future__ import annotations
 
+import abc
 import collections
 import hashlib
 import json
@@ -28,7 +29,7 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _WORD_RE = re.compile(r"<\w+>|\w+|[^\w\s]")
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """The interface every tokenizer offers. Subclasses set the ids and implement encode/decode."""
 
     kind: str = "base"
@@ -39,13 +40,13 @@ class Tokenizer:
     sep_id: int | None = None
     mask_id: int | None = None
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without added special tokens."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of `ids` (int array of shape (T,)), special tokens skipped."""
-        raise NotImplementedError
 
     def encode_lines(self, lines: Sequence[str]) -> list[list[int]]:
         """`encode` over a list of lines (file tokenizers override this with a batched call)."""
