@@ -57,6 +57,10 @@ def test_report_json_and_markdown(reproduced):
                             row["w8a8_mean"], row["w8a8_std"]]).all()
         assert row["fp"] > 1.0 and row["max_inf_norm"] > 0.0 and row["avg_kurtosis"] > 1.0
         assert row["w8a8_gap"] == pytest.approx(row["w8a8_mean"] - row["fp"])
+        with open(os.path.join(workdir, "runs", f"{row['method']}-seed0", "eval.json")) as f:
+            run = json.load(f)  # one training seed: the change of that run's mean W8A8 loss
+        assert row["w8a8_loss_change"] == pytest.approx(
+            np.mean(run["w8a8"]["losses"]) - run["fp"]["loss"])
         # two PTQ seeds, pooled mean / std of the per-seed perplexities
         values = saved["results"][row["method"]]["w8a8"]["values"]
         assert len(values) == 2

@@ -54,8 +54,8 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
 
 
-def _mean_std(entry: Mapping[str, Any]) -> str:
-    return f"{_fmt(entry['mean'], 3)} ± {_fmt(entry['std'], 3)}"
+def _signed(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.4f}"
 
 
 def build_report(family: str, metric_name: str, results: Mapping[str, Mapping[str, Any]],
@@ -78,6 +78,7 @@ def build_report(family: str, metric_name: str, results: Mapping[str, Mapping[st
             avg_kurtosis=result["outliers"]["avg_kurtosis"],
             w8a8_mean=result["w8a8"]["mean"], w8a8_std=result["w8a8"]["std"],
             w8a8_gap=result["w8a8"]["mean"] - result["fp"][metric_name],
+            w8a8_loss_change=result["w8a8"].get("loss_change"),
             seeds=result.get("seeds", 1)))
     return dict(family=family, metric=metric_name, rows=rows, verdict=verdict,
                 paper=dict(model=PAPER_MODEL[family], rows=PAPER_TABLE[family]),
@@ -92,11 +93,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += ["## Did the vanilla model develop outliers?", "", report["verdict"]["text"], ""]
     lines += [f"## Our run ({metric}; W8A8 = mean ± std over PTQ seeds)", "",
               f"| method | FP {metric} | max inf-norm | avg kurtosis | W8A8 {metric} | "
-              "W8A8 − FP |", "|---|---|---|---|---|---|"]
+              "W8A8 − FP | W8A8 loss change (nats) |", "|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         lines.append(f"| {row['method']} | {_fmt(row['fp'], 3)} | {_fmt(row['max_inf_norm'])} | "
                      f"{_fmt(row['avg_kurtosis'])} | {_fmt(row['w8a8_mean'], 3)} ± "
-                     f"{_fmt(row['w8a8_std'], 3)} | {row['w8a8_gap']:+.4f} |")
+                     f"{_fmt(row['w8a8_std'], 3)} | {row['w8a8_gap']:+.4f} | "
+                     f"{_signed(row.get('w8a8_loss_change'))} |")
     paper = report["paper"]
     lines += ["", f"## The paper's numbers for the same family: {paper['model']} (Table 2)", "",
               "| method | FP | max inf-norm | avg kurtosis | W8A8 |", "|---|---|---|---|---|"]
