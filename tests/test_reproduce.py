@@ -125,7 +125,7 @@ def test_method_order_follows_the_paper():
         "vanilla", "clipped", "gated", "z"]
 
 
-@pytest.mark.parametrize("preset", ["cpu", "wikitext", "wikitext_long", "bert_base",
+@pytest.mark.parametrize("preset", ["cpu", "wikitext", "wikitext_h8", "wikitext_long", "bert_base",
                                     "opt_125m", "vit_s16"])
 def test_reproduce_presets_validate(preset):
     from qtransformers.models.registry import PAPER_METHODS
