@@ -84,3 +84,20 @@ def test_outlier_eval_locates_first_token_and_attention_share():
         got[f"first_token_inf_norm/decoder/layers_{i}"].mean() for i in range(2))
     np.testing.assert_allclose(summary["first_token_attention"], np.mean(
         [got[f"first_token_attention/decoder/layers_{i}"].mean() for i in range(2)]))
+
+
+def test_config_json_stores_absolute_local_data_paths(tmp_path, monkeypatch):
+    import json
+    import os
+
+    from qtransformers.train.config import base_config, model_config_from
+    from qtransformers.train.loop import _write_config
+
+    (tmp_path / "corpus.txt").write_text("some text\n")
+    monkeypatch.chdir(tmp_path)
+    config = base_config("opt_tiny")
+    config.data.update(source="text", path="corpus.txt", tokenizer="word")
+    _write_config(str(tmp_path / "run"), config, model_config_from(config))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]["data"]
+    assert saved["path"] == os.path.join(str(tmp_path), "corpus.txt")
+    assert saved["tokenizer"] == "word" and saved["eval_path"] == ""

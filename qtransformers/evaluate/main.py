@@ -235,7 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["calibration_batch_size"] = args.calib_batch_size
     config = config.replace(seeds=seeds, **overrides)
     model = build_model(model_cfg)
-    evals, calib_fn = make_data(args, model_cfg, run_config, config)
+    try:
+        evals, calib_fn = make_data(args, model_cfg, run_config, config)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(f"evaluation data: {err}")
     if not evals:
         _fail("the evaluation data gave zero batches")
     top = max((int(np.max(b["input_ids"])) for b in evals if "input_ids" in b), default=-1)

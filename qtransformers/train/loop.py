@@ -247,10 +247,16 @@ def _due(step: int, every: int, last: bool) -> bool:
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict, model_cfg: Any) -> None:
+    """workdir/config.json: the run's config (local data paths made absolute, so that
+    `qtransformers evaluate` finds the data from any directory) and the resolved model."""
+    saved = json.loads(config.to_json_best_effort())
+    for key in ("path", "eval_path", "tokenizer"):
+        value = saved["data"].get(key)
+        if value and not fileio.is_remote(value) and os.path.exists(value):
+            saved["data"][key] = os.path.abspath(value)
     fileio.makedirs(workdir)  # local or remote (gs://) workdir
     fileio.write_text(os.path.join(workdir, "config.json"), json.dumps(
-        {"config": json.loads(config.to_json_best_effort()),
-         "resolved_model": model_cfg.to_dict()}, indent=2))
+        {"config": saved, "resolved_model": model_cfg.to_dict()}, indent=2))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
