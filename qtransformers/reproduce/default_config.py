@@ -1,4 +1,4 @@
-"""The default `qtransformers reproduce` experiment: fits in about 20 minutes on a 2-core CPU.
+"""The default `qtransformers reproduce` experiment: about 11 minutes on a 2-core CPU (measured).
 
 Setting (paper.md §8, the cheapest one measured there to grow outliers): a word-level causal
 LM on the built-in corpus (Python's reference-manual help topics, shipped with every Python, so

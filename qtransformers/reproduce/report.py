@@ -44,7 +44,8 @@ def outlier_verdict(vanilla: Mapping[str, Any]) -> dict[str, Any]:
     if not developed:
         text += (" Without outliers in the vanilla model there is nothing for clipped softmax "
                  "or gated attention to fix, so the method comparison below means little: "
-                 "train longer or use a preset that grows outliers (see docs/results.md).")
+                 "train longer or use a preset that grows outliers faster (`--config "
+                 "configs/reproduce.py:wikitext_h8`; measurements in docs/results.md).")
     return dict(developed=developed, peak_to_median=ratio, text=text)
 
 
