@@ -115,3 +115,21 @@ def test_cli_random_init(tmp_path, capsys):
     assert report["outliers"]["max_inf_norm"] > 0 and "outliers_quantized" not in report
     with pytest.raises(SystemExit, match="--model"):
         main(["--seeds", "0"])
+
+
+def test_cli_sensitivity(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    args = ["--model", "opt_tiny", "--seeds", "0", "--num_eval_batches", "1",
+            "--num_calib_batches", "1", "--calib_batch_size", "2", "--batch_size", "2",
+            "--seq_len", "16", "--no_quantized_outliers", "--out", str(out)]
+    assert main(args + ["--sensitivity", "layer"]) == 0
+    printed = capsys.readouterr().out
+    assert "activations only" in printed and "layer layers_1" in printed
+    sens = json.loads(out.read_text())["sensitivity"]
+    assert sens["group_by"] == "layer" and set(sens["groups"]) == {"other", "layers_0",
+                                                                    "layers_1"}
+    assert sum(g["num_points"] for g in sens["groups"].values()) == \
+        sens["activations_only"]["num_points"]
+    with pytest.raises(SystemExit):
+        main(args + ["--sensitivity", "site"])
+    assert "--sensitivity: invalid choice: 'site'" in capsys.readouterr().err

@@ -40,6 +40,7 @@ from qtransformers.quant.calibrate import FAMILY_TASKS, flatten_points
 from qtransformers.quant.config import PRESETS, get_preset
 from qtransformers.quant.evaluate import evaluate_ptq
 from qtransformers.quant.params import quantize_params
+from qtransformers.quant.sensitivity import GROUPINGS, quantization_sensitivity, sensitivity_rows
 
 DATA_CHOICES = ("random", "builtin", "workdir")
 DEFAULT_PRESETS = {"bert": "w8a8_bert", "opt": "w8a8_opt", "vit": "w8a8_vit"}
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_quantized_outliers", action="store_true",
                    help="skip the outlier metrics of the quantized model")
     p.add_argument("--per_layer", action="store_true", help="also print the per-layer table")
+    p.add_argument("--sensitivity", default="", choices=("",) + GROUPINGS,
+                   help="also print the loss change of the weights alone, the activations "
+                   "alone and each group of activation quantizers alone (PTQ seed 0's "
+                   "calibration batches), grouped by QuantPoint kind, layer or point")
     p.add_argument("--out", default="", help="write the JSON report here")
     return p
 
@@ -234,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.calib_batch_size:
         overrides["calibration_batch_size"] = args.calib_batch_size
     config = config.replace(seeds=seeds, **overrides)
+    if args.sensitivity and config.act_granularity != "per_tensor":
+        _fail(f"--sensitivity needs a preset with per-tensor activation ranges; "
+              f"{args.preset!r} has act_granularity={config.act_granularity!r}")
     model = build_model(model_cfg)
     try:
         evals, calib_fn = make_data(args, model_cfg, run_config, config)
@@ -262,6 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.per_layer:
         print()
         print(format_table(per_layer_rows(outliers)))
+    if args.sensitivity:
+        result["sensitivity"] = quantization_sensitivity(
+            model, params, evals, calib_fn(seeds[0]), config, group_by=args.sensitivity)
+        print()
+        print(format_table(sensitivity_rows(result["sensitivity"])))
     print(f"({outliers['definition']}; task {FAMILY_TASKS[family]}, {len(evals)} eval batches, "
           f"PTQ seeds {list(seeds)}, {time.time() - start:.1f} s)")
     if args.out:

@@ -5,6 +5,7 @@ the QuantPoints, quantized evaluation, and an interceptor for stock Flax models.
     qranges = calibrate(model, qparams, calib_batches, config)
     sums = make_quantized_eval_fn(model, "clm", config)(qparams, qranges, batch)
     report = evaluate_ptq(model, params, eval_batches, calib_batches_fn, config)
+    where = quantization_sensitivity(model, params, eval_batches, calib_batches, config)
 """
 from qtransformers.nn.quant_point import (OUTLIERS, QRANGES, QSTATE, QSTATS, QuantContext,
                                           quant_context)
@@ -23,6 +24,7 @@ from qtransformers.quant.observer import EstimatorObserver, tail_percentiles
 from qtransformers.quant.intercept import (InterceptedApply, OutputInterceptor,
                                            calibrate_intercepted, quantized_apply)
 from qtransformers.quant.params import quantize_params, quantize_weight, quantized_param_paths
+from qtransformers.quant.sensitivity import group_of, quantization_sensitivity, sensitivity_rows
 
 __all__ = [
     "CurrentMinMax", "DEFAULT_EXCLUDE", "DEFAULT_HEAD_PATTERNS", "DEFAULT_INCLUDE",
@@ -30,9 +32,9 @@ __all__ = [
     "OUTLIERS", "OutputInterceptor", "PRESETS", "Percentile", "QRANGES", "QSTATE", "QSTATS",
     "QuantConfig", "QuantContext", "RangeEstimator", "RunningMinMax", "TASKS", "TaskApply",
     "batch_stats", "calibrate", "calibrate_fn", "calibrate_intercepted", "discover_points",
-    "evaluate_ptq", "flatten_points", "get_estimator", "get_preset", "make_eval_fn",
+    "evaluate_ptq", "flatten_points", "get_estimator", "get_preset", "group_of", "make_eval_fn",
     "make_quantized_eval_fn", "param_is_quantized", "quant_context", "quantize_params",
-    "quantize_weight", "quantized_apply", "quantized_param_paths", "random_subset_fn",
-    "resolve_task", "summarize", "tail_percentiles", "task_metrics", "unflatten_points",
-    "validate_qranges",
+    "quantization_sensitivity", "quantize_weight", "quantized_apply", "quantized_param_paths",
+    "random_subset_fn", "resolve_task", "sensitivity_rows", "summarize", "tail_percentiles",
+    "task_metrics", "unflatten_points", "validate_qranges",
 ]
