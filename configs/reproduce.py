@@ -3,13 +3,16 @@
   qtransformers reproduce --config configs/reproduce.py:PRESET --workdir DIR [--config.x=y ...]
 
 Presets:
-  cpu        the default of `qtransformers reproduce` (built-in corpus, ~20 min on 2 CPU cores).
+  cpu        the default of `qtransformers reproduce` (built-in corpus, ~11 min on 2 CPU cores).
   wikitext   the same model on local text: trains on ../shared/data/wikitext-2/test.txt and
              evaluates on valid.txt (override --config.data.path / --config.data.eval_path).
   wikitext_h8  the cheapest setting we found where vanilla grows outliers (docs/results.md §6):
              wikitext with 8 heads of width 8, 2,000 steps, two training seeds (~50 min on 2
              CPU cores).
-  wikitext_long  the same for 6,000 steps (hours on 2 CPU cores; minutes on a GPU).
+  wikitext_long  the same for 6,000 steps (~25 min per run on 2 CPU cores). On the 1.26 MB
+             test.txt it overfits (held-out ppl 42.8 at 2,000 steps -> 52.0) and vanilla's
+             outliers stop growing (docs/results.md §6.3): give it a larger corpus
+             (--config.data.path=...; e.g. WikiText-103's wiki.train.tokens) on a GPU.
   bert_base, opt_125m, vit_s16
              the paper's full recipes (configs/bert_base.py etc.; paper.md §6) with the paper's
              per-model method settings (qtransformers.models.registry.PAPER_METHODS) and two
