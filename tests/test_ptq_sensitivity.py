@@ -10,17 +10,7 @@ from qtransformers.quant import (QuantConfig, calibrate, flatten_points, group_o
                                  quantization_sensitivity, quantize_params, sensitivity_rows,
                                  unflatten_points)
 
-B, T, DELIM = 8, 16, 2
-
-
-def make_batch(cfg, seed):
-    r = np.random.default_rng(seed)
-    ids = r.integers(3, cfg.vocab_size, (B, T)).astype(np.int32)
-    ids[:, ::4] = DELIM
-    weights = np.ones((B, T), np.float32)
-    weights[:, -1] = 0
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids),
-            "targets": np.roll(ids, -1, axis=1), "weights": weights}
+from test_ptq_eval import DELIM, make_batch  # the same CLM batches with a frequent delimiter
 
 
 @pytest.fixture(scope="module")
