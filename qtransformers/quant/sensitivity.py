@@ -10,8 +10,9 @@ QuantPoints (weights in full precision); and each group of activation points alo
 and the weights in full precision). Groups are QuantPoints of one kind ('kind': the last path
 element, e.g. every layer's 'mlp_residual'), of one layer ('layer': the 'layers_N' element), or
 single points ('point'). The activation ranges are calibrated once, with full-precision weights
-and all points quantized in sequence (the reference's calibration), so each group is evaluated
-with the ranges it would have in the full W8A8 model.
+and all points quantized in sequence (the reference's calibration): each group is evaluated
+with the ranges it has in the activations-only model (the full W8A8 model calibrates with
+quantized weights, so its ranges differ slightly).
 
 Loss changes are not additive (quantization noise of several sites interacts), but a group
 whose own loss change is near the activations-only one is where the activation error comes from.
