@@ -15,10 +15,7 @@ import sys
 from typing import Sequence
 
 from qtransformers.reproduce import plots
-from qtransformers.reproduce.runner import training_history
-
-COLUMNS = ("avg_kurtosis", "max_inf_norm", "first_token_max_abs", "rest_max_abs",
-           "first_token_attention")
+from qtransformers.reproduce.runner import HISTORY_COLUMNS as COLUMNS, training_history
 
 
 def load_runs(specs: Sequence[str]) -> dict[str, dict]:

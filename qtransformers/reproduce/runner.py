@@ -100,12 +100,16 @@ def _token_strings(tokenizer: Any, ids: np.ndarray) -> list[str]:
     return [names.get(int(i)) or tokenizer.decode([int(i)]) or "?" for i in ids]
 
 
+# The whole-model outlier summaries of each periodic evaluation (per-layer values go under
+# 'per_layer').
+HISTORY_COLUMNS = ("avg_kurtosis", "max_inf_norm", "first_token_max_abs", "rest_max_abs",
+                   "first_token_attention")
+
+
 def training_history(run_dir: str) -> list[dict[str, Any]]:
     """The trainer's periodic outlier evaluations of one run, in step order."""
     from qtransformers.train.writers import read_metrics
-    summary = ("avg_kurtosis", "max_inf_norm", "first_token_max_abs", "rest_max_abs",
-               "first_token_attention")
-    return [dict({k: row[k] for k in summary if k in row}, step=step,
+    return [dict({k: row[k] for k in HISTORY_COLUMNS if k in row}, step=step,
                  per_layer={k: v for k, v in row.items() if "/" in k})
             for step, row in sorted(read_metrics(run_dir, split="outliers").items())]
 
