@@ -13,6 +13,14 @@ Presets:
              test.txt it overfits (held-out ppl 42.8 at 2,000 steps -> 52.0) and vanilla's
              outliers stop growing (docs/results.md §6.3): give it a larger corpus
              (--config.data.path=...; e.g. WikiText-103's wiki.train.tokens) on a GPU.
+  gpu        the GPU budget (not run: no GPU was lent to us so far): wikitext_h8 scaled up to
+             WikiText-103, a corpus it cannot overfit (6 layers, d 256, 16 heads of width 16,
+             seq 256, batch 128, 40,000 steps = 1.3B tokens, bf16; vanilla / clipped / gated,
+             or all six with methods=sweep; two seeds). Unzip WikiText-103 into ./wikitext-103
+             or pass --config.data.path=.../wiki.train.tokens
+             --config.data.eval_path=.../wiki.valid.tokens. `python3 launch/plan.py --config
+             configs/reproduce.py:gpu --gpus 1 --mfu 0.1`: 13 min a run, 1.3 h for the six, on
+             one H100 at 10% MFU (a 9M-parameter model will not reach more).
   bert_base, opt_125m, vit_s16
              the paper's full recipes (configs/bert_base.py etc.; paper.md §6) with the paper's
              per-model method settings (qtransformers.models.registry.PAPER_METHODS) and two
@@ -29,6 +37,7 @@ from qtransformers.train.config import load_config_file, parse_config_arg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WIKITEXT = os.path.join("..", "shared", "data", "wikitext-2")
+WIKITEXT103 = "wikitext-103"
 PAPER_PRESETS = {"bert_base": "bert", "opt_125m": "opt", "vit_s16": "vit"}
 
 
@@ -69,15 +78,24 @@ def get_config(arg=None):
     args = parse_config_arg(arg, bare="preset", preset="cpu", methods="paper")
     config = _preset_config(args["preset"])
     if args["methods"] == "sweep":
-        config.reproduce.methods = ml_collections.ConfigDict(SWEEP_METHODS)
+        config.reproduce.methods = ml_collections.ConfigDict(
+            _clip_at_seq_len(SWEEP_METHODS, config.data.seq_len))
     elif args["methods"] != "paper":
         raise ValueError(f"methods={args['methods']!r} is unknown; choose paper or sweep.")
     return config
 
 
+def _clip_at_seq_len(methods: dict, seq_len: int) -> dict:
+    """`methods` with clipped softmax's γ = −α/T taken at T = seq_len (the trained length)."""
+    return {name: dict(fields, **({"alpha_seq_len": seq_len} if "alpha" in fields else {}))
+            for name, fields in methods.items()}
+
+
 def _preset_config(preset: str) -> ml_collections.ConfigDict:
     if preset in PAPER_PRESETS:
         return _paper_config(preset)
+    if preset == "gpu":
+        return _gpu_config()
     if preset == "cpu":
         return default_config.get_config("cpu")
     if preset in ("wikitext", "wikitext_h8", "wikitext_long"):
@@ -94,4 +112,23 @@ def _preset_config(preset: str) -> ml_collections.ConfigDict:
             config.train.update(num_steps=6000, outlier_eval_every=250)
         return config
     raise ValueError(f"reproduce preset {preset!r} is unknown; choose one of cpu, wikitext, "
-                     f"wikitext_h8, wikitext_long, {', '.join(PAPER_PRESETS)}.")
+                     f"wikitext_h8, wikitext_long, gpu, {', '.join(PAPER_PRESETS)}.")
+
+
+def _gpu_config() -> ml_collections.ConfigDict:
+    # wikitext_h8 scaled to a corpus it cannot overfit: 16 narrow heads (the CPU lever), a
+    # 4x longer sequence (more keys to park attention on), warmup then constant lr as on CPU.
+    config = default_config.get_config("wikitext")
+    config.data.update(path=os.path.join(WIKITEXT103, "wiki.train.tokens"),
+                       eval_path=os.path.join(WIKITEXT103, "wiki.valid.tokens"),
+                       vocab_size=16384, seq_len=256)
+    config.model.update(num_layers=6, d_model=256, num_heads=16, d_ff=1024, max_len=256,
+                        vocab_size=16384)
+    config.optim.update(lr=3e-3, warmup_steps=1000)
+    config.train.update(global_batch_size=128, num_steps=40_000, compute_dtype="bfloat16",
+                        log_every=200, eval_every=2000, eval_steps=20, checkpoint_every=2000,
+                        keep_checkpoints=2, outlier_eval_every=500, outlier_eval_steps=4)
+    config.reproduce.methods = ml_collections.ConfigDict(
+        _clip_at_seq_len(config.reproduce.methods.to_dict(), config.data.seq_len))
+    config.reproduce.update(train_seeds=(0, 1), num_eval_batches=100, eval_batch_size=32)
+    return config

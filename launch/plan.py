@@ -2,6 +2,7 @@
 cluster (qtransformers.planner, analytic, nothing is compiled), before launching.
 
     python3 launch/plan.py --config configs/opt_125m.py:gated --accelerator-type v4-32
+    python3 launch/plan.py --config configs/reproduce.py:gpu --gpus 1 --gpu h100 --mfu 0.4
     python3 launch/plan.py --config configs/bert_base.py --gpus 16 --gpu h100 --mfu 0.4 \\
         --mesh data=-1,fsdp=2 -- --config.train.global_batch_size=512
 
@@ -72,7 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _duration(seconds: float) -> str:
     hours = seconds / 3600
+    if hours < 1:
+        return f"{seconds / 60:.0f} min"
     return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
+
+
+def _one_run(config):
+    """(trainer config, run count): a `qtransformers reproduce` config is planned as its first
+    method's seed-0 run (the methods differ by a few gate parameters at most)."""
+    if "reproduce" not in config:
+        return config, 1
+    from qtransformers.reproduce.runner import method_config, ordered_methods
+    methods = ordered_methods(config.reproduce.methods)
+    num_runs = len(methods) * len(config.reproduce.train_seeds)
+    return method_config(config, methods[0], 0), num_runs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hw = hardware(ns)
         overrides = common.plan_overrides(ns, overrides, hw.num_devices, hw.description)
         config, _ = parse_args(["plan", "--config", ns.config, "--workdir", "unused", *overrides])
-        model_cfg = validate_config(config)
+        config, num_runs = _one_run(config)
+        model_cfg = validate_config(config, check_paths=False)  # data may live elsewhere
         mesh = {k: int(v) for k, v in config.mesh.shape.items()}
         plan = plan_training(model_cfg, global_batch_size=config.train.global_batch_size,
                              num_devices=hw.num_devices, mesh_shape=mesh,
@@ -120,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{unit + ' / s':<26}{items / step:,.0f}")
         print(f"{'train.num_steps':<26}{config.train.num_steps:,} steps: "
               f"{_duration(step * config.train.num_steps)}")
+        if num_runs > 1:
+            print(f"{'reproduce':<26}{num_runs} runs like this one (methods x seeds): "
+                  f"{_duration(num_runs * step * config.train.num_steps)}")
     else:
         print("step time: unknown peak FLOP/s for this device (see planner.DEVICE_PEAK_FLOPS)")
     return status

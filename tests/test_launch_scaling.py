@@ -52,6 +52,19 @@ def test_opt_sizes_on_v5e_and_what_does_not_fit(capsys):
     assert status == 1 and "DOES NOT FIT" in out and "shard more" in out
 
 
+def test_reproduce_preset_plans_one_run_and_counts_the_runs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no wikitext-103 here: planning does not need the gpu data
+    config = ROOT / "configs" / "reproduce.py"
+    status, out, _ = _run(capsys, "--config", f"{config}:gpu", "--gpus", 1, "--mfu", 0.1)
+    assert status == 0 and _value(out, "batch per device x seq") == "128 x 256"
+    step_ms = float(_value(out, "step time at 10% MFU").split()[0])
+    assert _value(out, "train.num_steps") == f"40,000 steps: {40_000 * step_ms / 60e3:.0f} min"
+    assert _value(out, "reproduce").startswith("6 runs like this one (methods x seeds): "
+                                               f"{6 * 40_000 * step_ms / 3.6e6:.1f} h")
+    status, out, _ = _run(capsys, "--config", f"{config}:gpu,methods=sweep", "--gpus", 1)
+    assert status == 0 and _value(out, "reproduce").startswith("12 runs")
+
+
 def test_bad_mesh_or_batch_is_an_error(capsys):
     config = ROOT / "configs" / "opt_125m.py"
     status, _, err = _run(capsys, "--config", config, "--accelerator-type", "v4-32",

@@ -125,8 +125,9 @@ def test_method_order_follows_the_paper():
         "vanilla", "clipped", "gated", "z"]
 
 
-@pytest.mark.parametrize("preset", ["cpu", "wikitext", "wikitext_h8", "wikitext_long", "bert_base",
-                                    "opt_125m", "vit_s16"])
+@pytest.mark.parametrize("preset", ["cpu", "wikitext", "wikitext_h8", "wikitext_long", "gpu",
+                                    "gpu,methods=sweep", "wikitext_h8,methods=sweep",
+                                    "bert_base", "opt_125m", "vit_s16"])
 def test_reproduce_presets_validate(preset):
     from qtransformers.models.registry import PAPER_METHODS
     from qtransformers.reproduce.runner import method_config, validate_reproduce_config
@@ -134,9 +135,14 @@ def test_reproduce_presets_validate(preset):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config = load_config_file(os.path.join(root, "configs", "reproduce.py"), preset)
     validate_reproduce_config(config)
-    models = {m: validate_config(method_config(config, m, 1))
+    # the gpu preset's WikiText-103 lives on the GPU machine, not here
+    models = {m: validate_config(method_config(config, m, 1), check_paths=not preset.startswith("gpu"))
               for m in ordered_methods(config.reproduce.methods)}
     assert models["clipped"].resolved_gamma < 0 and models["gated"].gate != "none"
+    if models["vanilla"].family != "vit":  # γ = −α/T at the length the model trains on
+        for model in models.values():
+            if model.alpha is not None:
+                assert model.resolved_gamma == pytest.approx(-model.alpha / config.data.seq_len)
     if preset in ("bert_base", "opt_125m", "vit_s16"):
         family = models["vanilla"].family
         for method, fields in PAPER_METHODS[family].items():

@@ -135,8 +135,11 @@ def is_tokenizer_file(tokenizer: str) -> bool:
     return tokenizer.endswith((".json", ".model")) or os.sep in tokenizer
 
 
-def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
+def validate_data_config(cfg: ml_collections.ConfigDict, check_paths: bool = True) -> None:
     """Check the data config before any work; raise one clear error for the first problem.
+
+    check_paths=False skips the checks that local files exist (planning a run whose data lives
+    on another machine).
 
     Raises:
       ValueError: an unknown source / tokenizer / objective / packing, an empty required field,
@@ -174,7 +177,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
                 raise ValueError(f"data.tokenizer={cfg.tokenizer!r} is unknown; use 'byte', "
                                  "'word', a HuggingFace tokenizers .json file or a SentencePiece "
                                  ".model file.")
-            if not Path(cfg.tokenizer).is_file():
+            if check_paths and not Path(cfg.tokenizer).is_file():
                 raise FileNotFoundError(f"data.tokenizer={cfg.tokenizer!r}: no such file; train "
                                         "one with `qtransformers tokenizer` or use 'byte' / "
                                         "'word'.")
@@ -188,7 +191,7 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
         _require(bool(cfg.path), "data.path is empty; source='text' needs a .txt file or a folder "
                  "of .txt files (data.path=/path/to/corpus).")
         for field in ("path", "eval_path"):
-            if cfg[field] and not Path(cfg[field]).exists():
+            if check_paths and cfg[field] and not Path(cfg[field]).exists():
                 raise FileNotFoundError(f"data.{field}={cfg[field]!r} does not exist; give an "
                                         "existing .txt file or folder of .txt files.")
         if not cfg.eval_path:

@@ -151,12 +151,13 @@ def _positive_int(value: Any, name: str, minimum: int = 1) -> None:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
+def validate_config(config: ml_collections.ConfigDict, check_paths: bool = True) -> ModelConfig:
     """Checks the whole config (no JAX device work); returns the resolved ModelConfig.
 
     Raises ValueError naming the field, the bad value and the fix for: unknown sections or keys,
     model fields, optimizer / train / mesh values, a batch that grad_accum_steps does not divide,
     a data config the data layer rejects (missing path, ...), and model / data mismatches.
+    check_paths=False skips the checks that local data / tokenizer files exist.
     """
     _check_keys(config, "config", set(SECTIONS))
     missing = [s for s in SECTIONS if s not in config]
@@ -207,7 +208,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     if set(shape) != set(MESH_AXES):
         raise ValueError(f"mesh.shape has axes {sorted(shape)}; it needs exactly {MESH_AXES}.")
     _validate_distributed(config.distributed)
-    _validate_data(config, model_cfg)
+    _validate_data(config, model_cfg, check_paths)
     return model_cfg
 
 
@@ -234,11 +235,12 @@ _TRAIN_KEYS = {"global_batch_size", "num_steps", "seed", "log_every", "eval_ever
 _DIST_KEYS = {"coordinator_address", "num_processes", "process_id", "initialization_timeout"}
 
 
-def _validate_data(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
+def _validate_data(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
+                   check_paths: bool) -> None:
     """Data-layer validation plus the model / data agreements."""
     data = config.data
     try:
-        inputs.validate_data_config(data)
+        inputs.validate_data_config(data, check_paths)
     except FileNotFoundError as err:
         raise ValueError(str(err)) from err
     objective = FAMILY_OBJECTIVES[model_cfg.family]

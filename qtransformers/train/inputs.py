@@ -28,9 +28,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     return data_module().default_data_config()
 
 
-def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
+def validate_data_config(cfg: ml_collections.ConfigDict, check_paths: bool = True) -> None:
     """The data layer's validation (raises on a bad data config, e.g. a missing path)."""
-    data_module().validate_data_config(cfg)
+    data_module().validate_data_config(cfg, check_paths)
 
 
 def build_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> Any:
