@@ -56,7 +56,7 @@ def test_reproduce_preset_plans_one_run_and_counts_the_runs(capsys, tmp_path, mo
     monkeypatch.chdir(tmp_path)  # no wikitext-103 here: planning does not need the gpu data
     config = ROOT / "configs" / "reproduce.py"
     status, out, _ = _run(capsys, "--config", f"{config}:gpu", "--gpus", 1, "--mfu", 0.1)
-    assert status == 0 and _value(out, "batch per device x seq") == "128 x 256"
+    assert status == 0 and _value(out, "batch per device x seq") == "512 x 64"
     step_ms = float(_value(out, "step time at 10% MFU").split()[0])
     assert _value(out, "train.num_steps") == f"40,000 steps: {40_000 * step_ms / 60e3:.0f} min"
     assert _value(out, "reproduce").startswith("6 runs like this one (methods x seeds): "
