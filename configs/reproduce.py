@@ -116,10 +116,11 @@ def _preset_config(preset: str) -> ml_collections.ConfigDict:
 
 
 def _gpu_config() -> ml_collections.ConfigDict:
-    # wikitext_h8 scaled to a 430x larger corpus (13 epochs): 16 narrow heads (the CPU lever), the
-    # same sequence length (at equal tokens per step, seq 256 grew no outliers on CPU: one
-    # first token per 256 positions instead of 64; docs/results.md §6.1), warmup then the
-    # constant lr of the CPU runs, weight decay kept (without it the whole stream grows, §6.1).
+    # wikitext_h8 scaled to a 430x larger corpus (13 epochs): 16 narrow heads (the CPU lever),
+    # the same sequence length (at equal tokens per step, seq 256 grew no outliers on CPU: one
+    # first token per 256 positions instead of 64; docs/results.md §6.1), a warmup then a
+    # constant lr (3e-3 at d 256, 1e-2 at d 64), weight decay 0.1 kept (without it the whole
+    # residual stream grows with the outliers, §6.4).
     config = default_config.get_config("wikitext")
     config.data.update(path=os.path.join(WIKITEXT103, "wiki.train.tokens"),
                        eval_path=os.path.join(WIKITEXT103, "wiki.valid.tokens"),
