@@ -76,6 +76,13 @@ def test_report_json_and_markdown(reproduced):
     assert saved["verdict"]["text"] in text
     for name in saved["figures"].values():
         assert f"]({name})" in text
+    assert "W8A8 = mean ± std over PTQ seeds)" in text and "## Figures\n" in text
+    from qtransformers.reproduce.report import render_markdown
+    for row in saved["rows"]:
+        row["seeds"] = 2  # a two-seed report says what its numbers and figures are
+    text = render_markdown(saved)
+    assert "means over 2 training seeds; W8A8 = mean ± std over training × PTQ seeds" in text
+    assert "## Figures (the first training seed's runs)" in text
 
 
 def test_every_png_is_well_formed(reproduced):
