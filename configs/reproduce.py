@@ -78,10 +78,12 @@ def get_config(arg=None):
     args = parse_config_arg(arg, bare="preset", preset="cpu", methods="paper")
     config = _preset_config(args["preset"])
     if args["methods"] == "sweep":
-        config.reproduce.methods = ml_collections.ConfigDict(
-            _clip_at_seq_len(SWEEP_METHODS, config.data.seq_len))
+        config.reproduce.methods = ml_collections.ConfigDict(SWEEP_METHODS)
     elif args["methods"] != "paper":
         raise ValueError(f"methods={args['methods']!r} is unknown; choose paper or sweep.")
+    if args["preset"] not in PAPER_PRESETS:  # the paper recipes carry the paper's own γ
+        config.reproduce.methods = ml_collections.ConfigDict(
+            _clip_at_seq_len(config.reproduce.methods.to_dict(), config.data.seq_len))
     return config
 
 
@@ -131,7 +133,5 @@ def _gpu_config() -> ml_collections.ConfigDict:
     config.train.update(global_batch_size=512, num_steps=40_000, compute_dtype="bfloat16",
                         log_every=200, eval_every=2000, eval_steps=20, checkpoint_every=2000,
                         keep_checkpoints=2, outlier_eval_every=500, outlier_eval_steps=4)
-    config.reproduce.methods = ml_collections.ConfigDict(
-        _clip_at_seq_len(config.reproduce.methods.to_dict(), config.data.seq_len))
     config.reproduce.update(train_seeds=(0, 1), num_eval_batches=100, eval_batch_size=32)
     return config
