@@ -25,14 +25,19 @@ def make_batch(cfg, seed, rows=B):
             "targets": np.roll(ids, -1, axis=1), "weights": weights}
 
 
-@pytest.fixture(scope="module")
-def opt():
-    cfg = get_model_config("opt_tiny", num_layers=1)
+def init_opt_tiny(num_layers):
+    """(cfg, model, params) of a tiny OPT initialised on make_batch's shapes."""
+    cfg = get_model_config("opt_tiny", num_layers=num_layers)
     model = build_model(cfg)
     b = make_batch(cfg, 0)
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), b["input_ids"],
                                                b["attention_mask"])["params"])
     return cfg, model, params
+
+
+@pytest.fixture(scope="module")
+def opt():
+    return init_opt_tiny(num_layers=1)
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,19 @@
 """quantization_sensitivity: loss changes against a NumPy cross entropy of hand-quantized logits."""
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from qtransformers import build_model, get_model_config
 from qtransformers.nn.quant_point import QuantContext, quant_context
 from qtransformers.quant import (QuantConfig, calibrate, flatten_points, group_of,
                                  quantization_sensitivity, quantize_params, sensitivity_rows,
                                  unflatten_points)
 
-from test_ptq_eval import DELIM, make_batch  # the same CLM batches with a frequent delimiter
+from test_ptq_eval import DELIM, init_opt_tiny, make_batch  # the same model and CLM batches
 
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = get_model_config("opt_tiny", num_layers=2)
-    model = build_model(cfg)
-    b = make_batch(cfg, 0)
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), b["input_ids"],
-                                               b["attention_mask"])["params"])
+    cfg, model, params = init_opt_tiny(num_layers=2)
     planted = jax.tree_util.tree_map(np.array, params)
     planted["embed_tokens"]["embedding"][DELIM, [5, 17]] = 20.0  # ~3000x the init scale
     evals = [make_batch(cfg, 10), make_batch(cfg, 11)]
