@@ -21,6 +21,7 @@ no calibration, one run) or 'activations' (weights in full precision).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -97,16 +98,42 @@ def validate_qranges(qranges: Any, expected_paths: Sequence[str]) -> None:
             "(quant.calibrate) to get matching ranges.")
 
 
-def make_eval_fn(model: nn.Module, task: str | None = None) -> Callable[[Any, Batch], dict]:
-    """Jitted full-precision `fn(params, batch) -> {'loss_sum', 'count', 'correct'}`."""
-    apply_fn = TaskApply(model, resolve_task(model, task))
-
+@functools.lru_cache(maxsize=32)
+def _eval_jit(apply_fn: TaskApply) -> Callable[[Any, Batch], dict]:
+    # One compiled program per model and task, shared by every make_eval_fn call.
     @jax.jit
     def fn(params: Any, batch: Batch) -> dict[str, jax.Array]:
         logits = apply_fn({"params": params}, batch, [])[0]
         return task_metrics(apply_fn.task, logits, batch)
 
     return fn
+
+
+def make_eval_fn(model: nn.Module, task: str | None = None) -> Callable[[Any, Batch], dict]:
+    """Jitted full-precision `fn(params, batch) -> {'loss_sum', 'count', 'correct'}`.
+
+    Pass quantize_params(params, config) for weights-only quantization (activations in full
+    precision). Args: params (the model's param tree), batch (see the module docstring).
+    """
+    return _eval_jit(TaskApply(model, resolve_task(model, task)))
+
+
+def _quantized_traced(apply_fn: TaskApply, ctx: QuantContext) -> Callable[..., dict]:
+    def traced(params: Any, qranges: Any, batch: Batch) -> dict[str, jax.Array]:
+        variables = {"params": params}
+        if qranges:
+            variables[QRANGES] = qranges
+        with quant_context(ctx):
+            logits = apply_fn(variables, batch, [])[0]
+        return task_metrics(apply_fn.task, logits, batch)
+
+    return traced
+
+
+@functools.lru_cache(maxsize=32)
+def _quantized_eval_jit(apply_fn: TaskApply, ctx: QuantContext) -> Callable[..., dict]:
+    # One compiled program per model, task and static context (bits, granularity, points).
+    return jax.jit(_quantized_traced(apply_fn, ctx))
 
 
 def make_quantized_eval_fn(model: nn.Module, task: str | None, config: QuantConfig, *,
@@ -116,30 +143,24 @@ def make_quantized_eval_fn(model: nn.Module, task: str | None, config: QuantConf
 
     params should already be weight-quantized (quantize_params). qranges: the calibrated
     collection (None / {} for act_granularity='per_token'). Activation bits and granularity come
-    from config (static); the ranges are traced, so changing them never recompiles.
+    from config (static); the ranges are traced, so changing them never recompiles. Calls with
+    the same model, task and activation settings share one compiled program.
 
     Args:
       validate: check qranges against the model's QuantPoints on the host before each call
         (points discovered once, on the first batch).
-      max_traces: if set, wrap the traced function in chex.assert_max_traces(n=max_traces).
+      max_traces: if set, wrap the traced function in chex.assert_max_traces(n=max_traces)
+        (a program of its own, not shared).
     """
     apply_fn = TaskApply(model, resolve_task(model, task))
     optional = optional_points(config)
     ctx = QuantContext(bits=config.act_bits, granularity=config.act_granularity,
                        optional_points=optional)
     dynamic = config.act_granularity == "per_token"
-
-    def traced(params: Any, qranges: Any, batch: Batch) -> dict[str, jax.Array]:
-        variables = {"params": params}
-        if qranges:
-            variables[QRANGES] = qranges
-        with quant_context(ctx):
-            logits = apply_fn(variables, batch, [])[0]
-        return task_metrics(apply_fn.task, logits, batch)
-
     if max_traces is not None:
-        traced = chex.assert_max_traces(traced, n=max_traces)
-    jitted = jax.jit(traced)
+        jitted = jax.jit(chex.assert_max_traces(_quantized_traced(apply_fn, ctx), n=max_traces))
+    else:
+        jitted = _quantized_eval_jit(apply_fn, ctx)
     expected: list[list[str]] = []
 
     def fn(params: Any, qranges: Any, batch: Batch) -> dict[str, jax.Array]:

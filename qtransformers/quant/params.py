@@ -42,6 +42,10 @@ from qtransformers.quant.config import QuantConfig, param_is_quantized
 
 
 TIED_HEAD_EMBEDDINGS = (BERT_TIED_HEAD, OPT_TIED_HEAD)
+# The QuantConfig fields quantize_params reads.
+WEIGHT_FIELDS = ("weight_bits", "weight_estimator", "num_candidates", "weight_granularity",
+                 "include", "exclude", "head_patterns", "quantize_head", "head",
+                 "unsigned_weights", "weight_mse_margin")
 
 
 def path_to_str(path: tuple[Any, ...]) -> str:
@@ -155,6 +159,12 @@ def _quantize_tree(params: Any, config: QuantConfig) -> Any:
     return out
 
 
+def weight_settings(config: QuantConfig) -> QuantConfig:
+    """config with every field weight quantization ignores at its default, so configs that
+    differ only in activation / calibration settings share one compiled program."""
+    return QuantConfig(**{f: getattr(config, f) for f in WEIGHT_FIELDS})
+
+
 # One compiled program for the whole tree (eager per-leaf dispatch compiles every op shape).
 _quantize_tree_jit = jax.jit(_quantize_tree, static_argnums=1)
 
@@ -173,7 +183,7 @@ def quantize_params(params: Any, config: QuantConfig) -> Any:
     """
     if not isinstance(config, QuantConfig):
         raise ValueError(f"config must be a QuantConfig, got {type(config).__name__}")
-    return _quantize_tree_jit(params, config)
+    return _quantize_tree_jit(params, weight_settings(config))
 
 
 def quantized_param_paths(params: Any, config: QuantConfig) -> list[str]:
