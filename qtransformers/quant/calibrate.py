@@ -225,8 +225,9 @@ def calibrate(model: nn.Module, params: Any, batches: Iterable[Batch], config: Q
       model: a model of qtransformers.models (or any module with QuantPoints called like one).
       params: its params; the reference calibrates with quantized weights
         (`quantize_params(params, config)`), which `evaluate_ptq` passes.
-      batches: iterable of task batches (see TaskApply); at most
-        config.num_calibration_batches are used.
+      batches: iterable of task batches (see TaskApply); the first
+        config.num_calibration_batches are used, in order (a one-line warning when a sized
+        `batches` holds more).
       config: QuantConfig.
       sequential: True = fake quantization on during calibration (reference); False = plain
         statistics of the unquantized activations.
