@@ -11,5 +11,5 @@ from qtransformers.ops import (attention_fn, clipped_softmax, gamma_from_alpha, 
 
 __version__ = "0.1.0"
 from qtransformers.evaluate import collect_outlier_metrics, outlier_eval_fn
-from qtransformers.quant import (QuantConfig, calibrate, evaluate_ptq, get_preset,
+from qtransformers.quant import (QuantConfig, calibrate, evaluate_ptq, get_preset, make_eval_fn,
                                  make_quantized_eval_fn, quantize_params)

@@ -17,7 +17,8 @@ def test_defaults_follow_the_paper():
 
 
 def test_presets():
-    assert get_preset("w8a8_bert") == QuantConfig()
+    # The paper presets keep the head in full precision (paper.md §4), else the defaults.
+    assert get_preset("w8a8_bert") == QuantConfig(head="fp")
     assert get_preset("w8a8_vit") == get_preset("w8a8_bert")
     opt = get_preset("w8a8_opt")
     assert opt.weight_estimator == "mse" and opt.act_estimator == "percentile"
@@ -34,6 +35,31 @@ def test_presets():
         assert c.weight_estimator == "mse"
     with pytest.raises(ValueError, match="w8a8_bert"):
         get_preset("w8a8")
+    assert set(qconfig.PRESET_DOCS) == set(qconfig.PRESETS)
+
+
+def test_reference_presets_switch_every_reference_behaviour():
+    """The reference presets turn on every behaviour of the authors' code; paper presets none
+    but the full-precision head (which the paper states)."""
+    base = QuantConfig()
+    bert, opt = get_preset("w8a8_bert_reference"), get_preset("w8a8_opt_reference")
+    for ref in (bert, opt):
+        assert ref.head == "fp" and ref.unsigned_weights and ref.weight_mse_margin == 0.5
+    assert bert.embedding_layout == "two_step" and bert.calibration_order == "first"
+    assert (bert.weight_estimator, bert.act_estimator) == ("minmax", "running_minmax")
+    assert (bert.num_calibration_batches, bert.calibration_batch_size) == (16, 32)
+    assert (opt.weight_estimator, opt.act_estimator, opt.act_percentile) == (
+        "mse", "percentile", 99.999)
+    assert (opt.num_calibration_batches, opt.calibration_batch_size) == (4, 8)
+    assert opt.embedding_layout == "sum"  # OPT has one embedding sum in the reference too
+    assert get_preset("w8a8_opt_reference_all") == opt.replace(head="quantized")
+    assert qconfig.optional_points(bert) == ("embeddings_word_type",)
+    assert qconfig.optional_points(get_preset("w8a8_opt_reference_all")) == ("logits",)
+    for name in ("w8a8_bert", "w8a8_opt", "w6a8", "w4a8", "w6a6", "w4a4"):
+        paper = get_preset(name)
+        assert paper.head == "fp"
+        assert (paper.unsigned_weights, paper.embedding_layout, paper.weight_mse_margin,
+                paper.calibration_order) == (base.unsigned_weights, "sum", 0.0, "random")
 
 
 def test_from_dict_and_replace():
@@ -66,6 +92,11 @@ def test_from_dict_and_replace():
         ("include", (r"kernel(",), "invalid regex"),
         ("num_calibration_batches", 0, "num_calibration_batches"),
         ("seeds", (), "seeds"),
+        ("head", "tied", "head must be one of"),
+        ("unsigned_weights", 1, "unsigned_weights"),
+        ("embedding_layout", "bert", "embedding_layout must be one of"),
+        ("weight_mse_margin", -0.5, "weight_mse_margin"),
+        ("calibration_order", "sorted", "calibration_order must be one of"),
     ],
 )
 def test_validation_errors(field, value, match):
@@ -103,6 +134,10 @@ def test_param_is_quantized_default(path, quantized):
 def test_quantize_head_and_custom_patterns():
     c = QuantConfig(quantize_head=True)
     assert param_is_quantized("lm_head/kernel", c)
+    assert param_is_quantized("mlm_head/transform/kernel", QuantConfig(head="quantized"))
+    assert not param_is_quantized("mlm_head/transform/kernel", QuantConfig(head="fp"))
+    with pytest.raises(ValueError, match="contradicts head='fp'"):
+        QuantConfig(head="fp", quantize_head=True)
     assert not param_is_quantized("lm_head/bias", c)  # biases stay excluded
     c = QuantConfig(exclude=qconfig.DEFAULT_EXCLUDE + (r"(^|/)embedding$",))
     assert not param_is_quantized("embeddings/word_embeddings/embedding", c)

@@ -38,8 +38,7 @@ from qtransformers.evaluate.report import format_table, per_layer_rows, ptq_row,
 from qtransformers.models import ModelConfig, build_model, get_model_config
 from qtransformers.quant.calibrate import FAMILY_TASKS, flatten_points
 from qtransformers.quant.config import PRESETS, get_preset
-from qtransformers.quant.evaluate import evaluate_ptq
-from qtransformers.quant.params import quantize_params
+from qtransformers.quant.evaluate import QUANTIZE_MODES, evaluate_ptq, ptq_label, ptq_params
 from qtransformers.quant.sensitivity import GROUPINGS, quantization_sensitivity, sensitivity_rows
 
 DATA_CHOICES = ("random", "builtin", "workdir")
@@ -58,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval data (default: workdir for a trainer workdir, else random)")
     p.add_argument("--preset", default="", help=f"quant preset, one of {tuple(PRESETS)} "
                    "(default: w8a8_<family>)")
+    p.add_argument("--quantize", default="both", choices=QUANTIZE_MODES,
+                   help="quantize weights and activations (both), weights only or activations "
+                   "only (the other in full precision)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated PTQ seeds")
     p.add_argument("--num_eval_batches", type=int, default=8)
     p.add_argument("--num_calib_batches", type=int, default=0, help="0 = the preset's (16)")
@@ -253,19 +255,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if top >= model_cfg.vocab_size:
         _fail(f"the eval data has token id {top} but the model's vocab_size is "
               f"{model_cfg.vocab_size}; use a matching tokenizer / --data random")
-    ptq = evaluate_ptq(model, params, evals, calib_fn, config, seeds)
+    ptq = evaluate_ptq(model, params, evals, calib_fn, config, seeds, quantize=args.quantize)
     outliers = collect_outlier_metrics(model, params, evals, family)
     result = {"model": model_cfg.to_dict(), "checkpoint": args.checkpoint, "ptq": ptq,
               "outliers": outliers}
     if not args.no_quantized_outliers and ptq["qranges"]:
         first = ptq["qranges"][seeds[0]]
         result["outliers_quantized"] = collect_outlier_metrics(
-            model, quantize_params(params, config), evals, family, qranges=first, config=config)
+            model, ptq_params(params, config, args.quantize), evals, family, qranges=first,
+            config=config)
     ptq["qranges"] = {str(s): {p: [float(v["x_min"]), float(v["x_max"])]
                                for p, v in flatten_points(q).items()}
                       for s, q in ptq["qranges"].items()}
     name = args.checkpoint or f"{args.model} {args.method}"
-    bits = f"W{config.weight_bits}A{config.act_bits}"
+    bits = ptq_label(config, args.quantize)
     print(format_table([ptq_row(name, ptq, outliers, bits)]))
     if args.per_layer:
         print()

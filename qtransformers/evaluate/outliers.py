@@ -29,7 +29,7 @@ from qtransformers.nn.quant_point import OUTLIERS, QRANGES, QuantContext, quant_
 from qtransformers.ops.metrics import aggregate_outlier_metrics
 from qtransformers.quant.calibrate import (FAMILY_TASKS, TaskApply, flatten_points,
                                            no_token_mask, token_mask_of)
-from qtransformers.quant.config import QuantConfig
+from qtransformers.quant.config import QuantConfig, optional_points
 
 DEFINITION = ("kurtosis: non-excess (Gaussian = 3), per sample over the flattened (T*d) tensor, "
               "E[(x-mu)^4] / (std_unbiased^4 + 1e-6), averaged over samples; inf-norm: per-sample "
@@ -187,7 +187,8 @@ def collect_outlier_metrics(model: nn.Module, params: Any, batches: Iterable[Map
     quantized = qranges is not None  # {} with act_granularity='per_token': dynamic ranges
     ctx = QuantContext(bits=config.act_bits,
                        granularity=config.act_granularity if quantized else "per_tensor",
-                       outlier_sites=sites.all)
+                       outlier_sites=sites.all,
+                       optional_points=optional_points(config) if quantized else ())
     apply_fn = TaskApply(model, task or FAMILY_TASKS[family])
     mask_fn = token_mask_of if exclude_padding else no_token_mask
     acc = OutlierAccumulator(sites)

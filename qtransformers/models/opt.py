@@ -9,10 +9,12 @@ from qtransformers.models.block import Encoder
 from qtransformers.models.config import ModelConfig
 from qtransformers.nn.layers import EMBED, LayerNormQ, dense
 from qtransformers.nn.partitioning import POSITION, VOCAB, partitioned
-from qtransformers.nn.quant_point import QuantPoint
+from qtransformers.nn.quant_point import LOGITS, QuantPoint, fp_head_table, optional_point
 
 # OPT's learned positions are offset by 2 (an artefact of fairseq's padding handling).
 OPT_POSITION_OFFSET = 2
+# The table the LM head is tied to ('/'-joined param path; quant.params keeps an FP copy).
+TIED_HEAD_EMBEDDING = "embed_tokens/embedding"
 
 
 def opt_positions(attention_mask: jax.Array) -> jax.Array:
@@ -28,6 +30,8 @@ class OptForCausalLM(nn.Module):
     """Token + learned position embeddings -> decoder (pre-LN by default) -> final LN -> tied head.
 
     OPT-350m style models (word_embed_proj_dim != d_model) project embeddings in and out.
+    The head multiplies by `fp_head_table` (the FP copy when quant.config `head='fp'`); its output
+    is the optional QuantPoint 'logits' (the reference's quant_setup='all').
     Call: input_ids (B, T) int, attention_mask (B, T) 1 for real tokens
       -> logits (B, T, vocab_size) float32 (logits at t predict token t + 1).
     """
@@ -61,4 +65,9 @@ class OptForCausalLM(nn.Module):
             x = LayerNormQ(cfg.ln_eps, cfg.compute_dtype, name="final_ln")(x)
         if embed_dim != cfg.d_model:
             x = dense(embed_dim, EMBED, None, init, "project_out", use_bias=False)(x)
-        return tokens.attend(x.astype(jnp.float32))
+        table = fp_head_table(self)
+        if table is None:
+            logits = tokens.attend(x.astype(jnp.float32))
+        else:  # as nn.Embed.attend, with the full-precision table
+            logits = jnp.dot(x.astype(jnp.float32), jnp.asarray(table, jnp.float32).T)
+        return optional_point(LOGITS, logits)

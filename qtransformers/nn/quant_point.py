@@ -20,6 +20,18 @@ static `QuantContext` entered *inside the traced function* with `quant_context(.
   `outlier_sites`, regexes; None tracks every point).
 - otherwise the identity. Nothing is sown during `init`.
 
+Optional points (`optional_point(name, x)` inside a compact method) exist only when the context
+names them in `optional_points`; otherwise no module is created (x is returned), so they are
+not discovered and need no range. They
+mark sites that only some quantization layouts have (quant.config.optional_points):
+`EMBEDDINGS_WORD_TYPE` (BERT's first embedding sum, word + token type, in the reference's
+two-step layout) and `LOGITS` (the LM / MLM head output, quantized in the reference's OPT
+quant_setup='all').
+
+A tied output head multiplies by the embedding table; `fp_head_table` returns the full-precision
+copy that quant.params stores at the top-level param `FP_HEAD_TABLE` when the head is kept in
+full precision (else None: the head uses the embedding's own, possibly quantized, table).
+
 Padding: `quant_context(..., token_mask=mask)` with a (B, T) bool mask (True = real token)
 excludes padded tokens from every statistic (calibration and outliers) but not from
 quantization. Tensors of layout 'tokens' are (B, T, ...); layout 'attention' tensors are
@@ -51,6 +63,12 @@ GRANULARITIES = ("per_tensor", "per_token")
 LAYOUTS = ("tokens", "attention")
 # QuantPoints with these names hold (B, H, T_query, T_key) attention tensors.
 ATTENTION_LAYOUT_NAMES = ("scores", "probs")
+# Names of the optional QuantPoints (see the module docstring).
+EMBEDDINGS_WORD_TYPE = "embeddings_word_type"
+LOGITS = "logits"
+OPTIONAL_POINTS = (EMBEDDINGS_WORD_TYPE, LOGITS)
+# Top-level param holding the full-precision table of a tied head (quant.params writes it).
+FP_HEAD_TABLE = "fp_head_table"
 
 
 class Observer(Protocol):
@@ -76,6 +94,7 @@ class QuantContext:
       sequential: during calibration, fake-quantize with the range folded from this batch.
       outlier_sites: regexes (re.search on the '/'-joined point path) of the points that sow
         outlier metrics; None = all points.
+      optional_points: names (of OPTIONAL_POINTS) of the optional QuantPoints that are active.
     """
 
     bits: int = 8
@@ -83,6 +102,7 @@ class QuantContext:
     observer: Any = None
     sequential: bool = False
     outlier_sites: tuple[str, ...] | None = None
+    optional_points: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         quant_ops.check_bits(self.bits, "QuantContext.bits")
@@ -92,6 +112,10 @@ class QuantContext:
         if self.outlier_sites is not None and not isinstance(self.outlier_sites, tuple):
             raise ValueError("QuantContext.outlier_sites must be a tuple of regexes or None, "
                              f"got {self.outlier_sites!r}")
+        if not isinstance(self.optional_points, tuple) or not set(self.optional_points) <= set(
+                OPTIONAL_POINTS):
+            raise ValueError(f"QuantContext.optional_points must be a tuple of names among "
+                             f"{OPTIONAL_POINTS}, got {self.optional_points!r}")
 
 
 _DEFAULT = QuantContext()
@@ -253,3 +277,27 @@ class QuantPoint(nn.Module):
             raise ValueError(f"QuantPoint.layout must be one of {LAYOUTS} or None, got "
                              f"{self.layout!r}")
         return apply_point(self, x, layout)
+
+
+
+def optional_point(name: str, x: jax.Array) -> jax.Array:
+    """QuantPoint(name=name)(x) when the context activates `name` (OPTIONAL_POINTS), else x.
+
+    Call inside a compact method: the point becomes a child of the calling module.
+    """
+    if name not in OPTIONAL_POINTS:
+        raise ValueError(f"optional point name must be one of {OPTIONAL_POINTS}, got {name!r}")
+    if name in current_context().optional_points:
+        return QuantPoint(name=name)(x)
+    return x
+
+
+def fp_head_table(module: nn.Module) -> jax.Array | None:
+    """The full-precision (V, d) table for a tied head, or None (use the embedding's own).
+
+    module: the top-level model module; its params hold FP_HEAD_TABLE when quant.params kept
+    the head in full precision (config head='fp').
+    """
+    if module.has_variable("params", FP_HEAD_TABLE):
+        return jnp.asarray(nn.meta.unbox(module.get_variable("params", FP_HEAD_TABLE)))
+    return None

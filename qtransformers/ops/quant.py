@@ -173,23 +173,37 @@ def _check_num_candidates(num_candidates: Any) -> int:
     return int(num_candidates)
 
 
+def _check_margin(margin: Any) -> float:
+    if isinstance(margin, bool) or not isinstance(margin, (int, float, np.floating)) \
+            or not 0 <= float(margin) < float("inf"):
+        raise ValueError(f"margin must be a static finite number >= 0, got {margin!r}")
+    return float(margin)
+
+
 def candidate_ranges(
-    x_min: ArrayLike, x_max: ArrayLike, num_candidates: int, symmetric: bool
+    x_min: ArrayLike, x_max: ArrayLike, num_candidates: int, symmetric: bool,
+    margin: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """The MSE search grid: fractions i / N (i = 1..N) of the base range [x_min, x_max].
 
     Asymmetric: the base range is widened to include 0, candidate i = (x_min, x_max) * i / N.
     Symmetric: a = max(|x_min|, |x_max|), candidate i = (-a, a) * i / N.
+    `margin` widens the base range before the grid is laid: a + margin (symmetric), and
+    x_max + margin, x_min - margin where x_min < 0 (asymmetric). The reference's weight search
+    uses margin 0.5 (`range_margin`), so its grid spans max|w| + 0.5 in steps of
+    (max|w| + 0.5) / N; margin 0 spans max|w|.
 
     Args:
       x_min, x_max: scalars, the base (min-max) range.
       num_candidates: static int N >= 1.
       symmetric: static bool.
+      margin: static float >= 0 added to the base range (see above).
     Returns:
       (candidates_min, candidates_max), each (N,) float32 (or wider).
     """
     n = _check_num_candidates(num_candidates)
     symmetric = _check_symmetric(symmetric)
+    margin = _check_margin(margin)
     lo = jnp.asarray(x_min)
     hi = jnp.asarray(x_max)
     dtype = _compute_dtype(jnp.result_type(lo, hi))
@@ -199,8 +213,14 @@ def candidate_ranges(
         lo = -hi
     else:
         lo, hi = jnp.minimum(lo, 0), jnp.maximum(hi, 0)
-    frac = jnp.arange(1, n + 1, dtype=dtype) / n
-    return lo * frac, hi * frac
+    if margin:
+        hi = hi + margin
+        lo = jnp.where(lo < 0, lo - margin, lo)
+    index = jnp.arange(1, n + 1, dtype=dtype)
+    if margin:
+        # The reference's order of operations: step = span / N, candidate i = step * i.
+        return (lo / n) * index, (hi / n) * index
+    return lo * (index / n), hi * (index / n)
 
 
 def mse_losses(
@@ -245,6 +265,7 @@ def mse_range_search(
     symmetric: bool,
     num_candidates: int = 100,
     axis: int | None = None,
+    margin: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Range minimising the MSE of fake_quant(x) over `candidate_ranges` of x's min-max range.
 
@@ -256,18 +277,21 @@ def mse_range_search(
       symmetric: static bool.
       num_candidates: static int N >= 1.
       axis: None for one range per tensor; an int for one range per channel along that axis.
+      margin: static float >= 0 widening the searched span (see `candidate_ranges`).
     Returns:
       (x_min, x_max): scalars if axis is None, else arrays of x.ndim dims with size 1 everywhere
       but `axis` (broadcastable against x, so fake_quant(x, *result, ...) works directly).
     """
     x = jax.lax.stop_gradient(jnp.asarray(x))
     if axis is None:
-        cmin, cmax = candidate_ranges(jnp.min(x), jnp.max(x), num_candidates, symmetric)
+        cmin, cmax = candidate_ranges(jnp.min(x), jnp.max(x), num_candidates, symmetric,
+                                      margin)
         best = jnp.argmin(mse_losses(x, cmin, cmax, bits, symmetric))
         return cmin[best], cmax[best]
     axis = _check_axis(axis, x.ndim)
     rows = jnp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
-    search = jax.vmap(lambda r: mse_range_search(r, bits, symmetric, num_candidates))
+    search = jax.vmap(lambda r: mse_range_search(r, bits, symmetric, num_candidates,
+                                                 margin=margin))
     lo, hi = search(rows)
     shape = [1] * x.ndim
     shape[axis] = x.shape[axis]

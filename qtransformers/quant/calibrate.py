@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import warnings
 from typing import Any, Callable, Iterable, Mapping
 
 import flax
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qtransformers.nn.quant_point import QSTATE, QSTATS, QuantContext, quant_context
-from qtransformers.quant.config import QuantConfig
+from qtransformers.quant.config import QuantConfig, optional_points
 from qtransformers.quant.observer import EstimatorObserver
 
 TASKS = ("mlm", "clm", "classification")
@@ -122,25 +123,43 @@ def unflatten_points(points: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def discover_points(apply_fn: ApplyFn, params: Any, batch: Batch,
-                    token_mask_fn: Callable[[Batch], Any] = no_token_mask) -> list[str]:
-    """Paths of every QuantPoint (or intercepted output) in call order, from one abstract trace."""
+                    token_mask_fn: Callable[[Batch], Any] = no_token_mask,
+                    optional: tuple[str, ...] = ()) -> list[str]:
+    """Paths of every QuantPoint (or intercepted output) in call order, from one abstract trace.
+
+    optional: names of the optional QuantPoints to include (config.optional_points(config)).
+    """
     recorder: list[str] = []
 
     def run(p: Any, b: Batch) -> Any:
-        with quant_context(QuantContext(), token_mask_fn(b), recorder):
+        with quant_context(QuantContext(optional_points=optional), token_mask_fn(b), recorder):
             return apply_fn({"params": p}, b, [])[0]
 
     jax.eval_shape(run, params, batch)
     return list(dict.fromkeys(recorder))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _calibration_step(apply_fn: ApplyFn, observer: EstimatorObserver, sequential: bool,
-                      token_mask_fn: Callable, params: Any, qstate: Any, batch: Batch) -> Any:
-    ctx = QuantContext(bits=observer.bits, observer=observer, sequential=sequential)
+                      token_mask_fn: Callable, optional: tuple[str, ...], params: Any,
+                      qstate: Any, batch: Batch) -> Any:
+    ctx = QuantContext(bits=observer.bits, observer=observer, sequential=sequential,
+                       optional_points=optional)
     with quant_context(ctx, token_mask_fn(batch)):
         _, cols = apply_fn({"params": params, QSTATE: qstate}, batch, [QSTATS])
     return cols[QSTATS]
+
+
+def warn_unused_batches(batches: Iterable[Any], num_used: int) -> None:
+    """Warns (one line) when a sized `batches` holds more than the `num_used` calibration reads."""
+    try:
+        given = len(batches)  # type: ignore[arg-type]
+    except TypeError:  # an iterator: its length is unknown without consuming it
+        return
+    if given > num_used:
+        warnings.warn(f"calibration got {given} batches but uses only the first {num_used} "
+                      "(config.num_calibration_batches); raise it to use them all",
+                      stacklevel=3)
 
 
 def calibrate_fn(apply_fn: ApplyFn, params: Any, batches: Iterable[Batch], config: QuantConfig,
@@ -152,8 +171,10 @@ def calibrate_fn(apply_fn: ApplyFn, params: Any, batches: Iterable[Batch], confi
       apply_fn: (variables, batch, mutable) -> (output, collections), hashable (e.g. TaskApply
         or quant.intercept.InterceptedApply) so the jitted step is reused across calls.
       params: the params the calibration forward uses (pass quantized weights for PTQ).
-      batches: iterable of batches; at most config.num_calibration_batches are read.
-      config: QuantConfig (act_estimator and its options, act_bits).
+      batches: iterable of batches; the first config.num_calibration_batches are read, in
+        order (a one-line warning when a sized `batches` holds more).
+      config: QuantConfig (act_estimator and its options, act_bits, and the optional points
+        of embedding_layout / head).
       sequential: quantize during calibration (True, reference) or statistics only (False).
       token_mask_fn: batch -> (B, T) mask of real tokens or None.
     Returns:
@@ -162,19 +183,21 @@ def calibrate_fn(apply_fn: ApplyFn, params: Any, batches: Iterable[Batch], confi
     if config.act_granularity == "per_token":
         raise ValueError("act_granularity='per_token' is dynamic and needs no calibration; "
                          "evaluate with qranges=None")
+    warn_unused_batches(batches, config.num_calibration_batches)
     observer = EstimatorObserver.from_config(config)
     est = observer.estimator()
+    optional = optional_points(config)
     paths: list[str] | None = None
     states: dict[str, Any] = {}
     for i, batch in enumerate(itertools.islice(iter(batches), config.num_calibration_batches)):
         if paths is None:
-            paths = discover_points(apply_fn, params, batch, token_mask_fn)
+            paths = discover_points(apply_fn, params, batch, token_mask_fn, optional)
             if not paths:
                 raise ValueError("the model has no QuantPoint (or intercepted module) to calibrate")
             states = {p: est.init() for p in paths}
         qstate = unflatten_points({p: observer.state_arrays(states[p]) for p in paths})
         stats = flatten_points(jax.device_get(_calibration_step(
-            apply_fn, observer, sequential, token_mask_fn, params, qstate, batch)))
+            apply_fn, observer, sequential, token_mask_fn, optional, params, qstate, batch)))
         bad = [p for p in paths if not bool(stats[p]["finite"])]
         if bad:
             raise ValueError(
@@ -202,8 +225,9 @@ def calibrate(model: nn.Module, params: Any, batches: Iterable[Batch], config: Q
       model: a model of qtransformers.models (or any module with QuantPoints called like one).
       params: its params; the reference calibrates with quantized weights
         (`quantize_params(params, config)`), which `evaluate_ptq` passes.
-      batches: iterable of task batches (see TaskApply); at most
-        config.num_calibration_batches are used.
+      batches: iterable of task batches (see TaskApply); the first
+        config.num_calibration_batches are used, in order (a one-line warning when a sized
+        `batches` holds more).
       config: QuantConfig.
       sequential: True = fake quantization on during calibration (reference); False = plain
         statistics of the unquantized activations.

@@ -22,6 +22,11 @@ Estimators (paper.md §4, following the reference implementation):
   (the candidate grid) is fixed by the FIRST batch: its own min-max range when `search_range`
   is None. Every later batch must be evaluated on that same grid: pass
   `search_range=est.search_range(state)`; `update` raises if the grid differs.
+  The reference's activation MSE (its W6A6 / W4A4 setting, asymmetric quantizer) is a
+  different algorithm: golden-section search (scipy minimize_scalar, bounded) over the range
+  and then the shift, re-run on each batch with no accumulation, so the LAST calibration batch
+  alone decides the range. Ours sums the loss over all batches on one fixed grid. Ranges and
+  low-bit activation results can therefore differ from the reference's.
 
 Host folding is done in float64 NumPy; `finalize` returns float32 NumPy arrays.
 """
