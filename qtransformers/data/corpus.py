@@ -83,9 +83,10 @@ def _binary_reason(head: bytes) -> str | None:
     return None
 
 
-def count_text_lines(path: str | Path, field: str, at_most: int) -> int:
+def count_text_lines(path: str | Path, label: str, at_most: int) -> int:
     """Non-blank lines of the text at `path` (file or folder of *.txt), counting stops at
-    `at_most`; raises ValueError naming data.<field> and the file when a file is binary.
+    `at_most`; raises ValueError naming `label` (e.g. 'data.path') and the file when a file is
+    binary.
 
     Reads only the start of each file for the binary check and stops at `at_most` lines, so it
     is cheap on a large corpus.
@@ -95,8 +96,8 @@ def count_text_lines(path: str | Path, field: str, at_most: int) -> int:
         with open(f, "rb") as fh:
             reason = _binary_reason(fh.read(_SNIFF_BYTES))
         if reason:
-            raise ValueError(f"data.{field}={str(path)!r}: {str(f)!r} {reason}, so it is not a "
-                             f"text file; point data.{field} at UTF-8 .txt files.")
+            raise ValueError(f"{label}={str(path)!r}: {str(f)!r} {reason}, so it is not a "
+                             f"text file; point {label} at UTF-8 .txt files.")
         with open(f, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 if line.strip():
@@ -109,12 +110,12 @@ def count_text_lines(path: str | Path, field: str, at_most: int) -> int:
 def check_text_source(cfg: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field and path when local text (source='text') is not text,
     is empty or blank, or leaves an empty evaluation split."""
-    train_lines = count_text_lines(cfg.path, "path", 2)
+    train_lines = count_text_lines(cfg.path, "data.path", 2)
     if train_lines == 0:
         raise ValueError(f"data.path={cfg.path!r} is empty (no non-blank line); give a .txt file "
                          "or folder of .txt files with text in it.")
     if cfg.eval_path:
-        if count_text_lines(cfg.eval_path, "eval_path", 1) == 0:
+        if count_text_lines(cfg.eval_path, "data.eval_path", 1) == 0:
             raise ValueError(f"data.eval_path={cfg.eval_path!r} is empty (no non-blank line), so "
                              "the evaluation split would be empty; give a file with text, or set "
                              "data.eval_path='' to hold out data.eval_fraction of data.path.")

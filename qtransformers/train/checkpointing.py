@@ -53,11 +53,28 @@ def local_data_state(saved: dict[str, Any]) -> Any:
                      f"{jax.process_count()}.")
 
 
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """{'[\'decoder\'][\'layers_0\']...': shape} of a parameter tree's array leaves."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+def param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{"['decoder']['layers_0']...": shape} of a parameter tree's array leaves (arrays,
+    ShapeDtypeStructs or orbax array metadata)."""
+    from flax.core import meta
+    leaves = jax.tree_util.tree_flatten_with_path(meta.unbox(tree))[0]  # nn.Partitioned boxes
     return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves
             if hasattr(leaf, "shape")}
+
+
+def describe_mismatch(saved: dict[str, tuple[int, ...]],
+                      wanted: dict[str, tuple[int, ...]]) -> str | None:
+    """The first difference between saved and wanted parameter shapes (param_shapes dicts), in
+    words, or None when they agree."""
+    for name in sorted(set(saved) | set(wanted)):
+        if name not in saved:
+            return f"parameter {name} is not in the checkpoint"
+        if name not in wanted:
+            return f"the checkpoint has parameter {name}, which the configured model lacks"
+        if saved[name] != wanted[name]:
+            return (f"parameter {name} has shape {saved[name]} in the checkpoint, "
+                    f"{wanted[name]} in the configured model")
+    return None
 
 
 class Checkpointer:
@@ -144,19 +161,10 @@ class Checkpointer:
                     item_handlers={"state": ocp.StandardCheckpointHandler(),
                                    "data": ocp.JsonCheckpointHandler()})
             saved = self._metadata_manager.item_metadata(step)["state"]["params"]
-            saved_shapes = _shapes(saved)
+            saved_shapes = param_shapes(saved)
         except Exception:  # unreadable metadata: let the restore decide (corrupt)
             return None
-        wanted = _shapes(target.params)
-        for name in sorted(set(saved_shapes) | set(wanted)):
-            if name not in saved_shapes:
-                return f"parameter {name} is not in the checkpoint"
-            if name not in wanted:
-                return f"the checkpoint has parameter {name}, which the config's model lacks"
-            if saved_shapes[name] != wanted[name]:
-                return (f"parameter {name} has shape {saved_shapes[name]} in the checkpoint, "
-                        f"{wanted[name]} in the config")
-        return None
+        return describe_mismatch(saved_shapes, param_shapes(target.params))
 
     def _quarantine(self, steps: list[int]) -> None:
         """Moves unrestorable step directories out of the manager's directory."""
