@@ -74,7 +74,8 @@ def _loaded_config(flag_values: flags.FlagValues, spec: str) -> object:
         raise UserError(f"--config={spec} does not load: {type(cause).__name__}: {text}") from err
 
 
-def parse_command(argv: Sequence[str], resume_flags: bool = True) -> flags.FlagValues:
+def parse_command(argv: Sequence[str], resume_flags: bool = True,
+                  usage: str = USAGE) -> flags.FlagValues:
     """The parsed flags of a train (or reproduce) command line; argv[0] is the program name.
 
     Raises UserError for a missing / unloadable config file, an override of a key the config
@@ -87,7 +88,7 @@ def parse_command(argv: Sequence[str], resume_flags: bool = True) -> flags.FlagV
     if spec is not None and not any(a in ("-h", "--help", "--helpfull") for a in argv):
         check_config_file(spec)
     try:
-        rest = parse_flags(flag_values, argv, USAGE)
+        rest = parse_flags(flag_values, argv, usage)
     except (KeyError, AttributeError) as err:  # an override of a key the config lacks
         overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
         hint = re.search(r'Did you mean "[^"]+"', str(err))
