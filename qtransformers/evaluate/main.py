@@ -177,8 +177,8 @@ def restore_trainer_workdir(workdir: str) -> tuple[ModelConfig, Any, dict]:
                         "a trainer workdir's config.") from err
     ckpt_dir = os.path.join(fileio.absolute(workdir), "checkpoints")
     if not fileio.isdir(ckpt_dir):
-        _fail(f"--checkpoint {workdir}: no checkpoints/ folder, so no trained model to evaluate; "
-              "train it (train.checkpoint_every > 0 or run to the end) or give another folder")
+        _fail(f"--checkpoint {workdir}: no finalized checkpoint under {ckpt_dir} (no such "
+              "folder); let the run save one (train.checkpoint_every) or give another folder")
     manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False),
                                     item_handlers={"state": ocp.StandardCheckpointHandler(),
                                                    "data": ocp.JsonCheckpointHandler()})

@@ -143,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # one line on a bad input: quiet until validated
     if not flags.FLAGS.is_parsed():  # libraries (grain) read absl's global flags
         flags.FLAGS.mark_as_parsed()
     flag_values = parse_command(argv)
@@ -157,6 +160,8 @@ def _train(argv: list[str]) -> int:
     except DistributedInitError as err:
         print(f"qtransformers train: error: {one_line(err)}", file=sys.stderr)
         return 1
+    finally:
+        root.setLevel(level)
     try:
         final = trainer.run()
     except NonFiniteLossError as err:
