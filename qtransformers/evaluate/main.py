@@ -212,9 +212,11 @@ def restore_trainer_workdir(workdir: str) -> tuple[ModelConfig, Any, dict]:
                 state=ocp.args.StandardRestore(target)))
         except Exception as err:  # corrupt / partial files: fall back to the previous step
             failures.append(f"step {step}: {type(err).__name__}: {str(err)[:120]}")
-            print(f"warning: checkpoint step {step} in {ckpt_dir} does not restore "
-                  f"({type(err).__name__}); trying the previous one.", file=sys.stderr)
             continue
+        if failures:
+            print(f"warning: newer checkpoints in {ckpt_dir} do not restore ("
+                  + "; ".join(failures) + f"); evaluating checkpoint step {step}.",
+                  file=sys.stderr)
         state = restored["state"]
         params = state["params"] if isinstance(state, dict) else state.params
         return model_cfg, params, meta.get("config", {})
