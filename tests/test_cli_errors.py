@@ -122,6 +122,7 @@ CASES = [
     # train: workdir and run identity
     ("train-workdir-is-file", train_argv("{a_file}"), "good.txt"),
     ("train-workdir-under-file", train_argv("{a_file}/run"), "good.txt/run"),
+    ("train-workdir-not-writable", train_argv("/sys/qt_run"), "/sys/qt_run"),  # even for root
     ("train-changed-model", train_argv("{W}", "--config.model.d_model=128"), "model.d_model"),
     ("train-changed-seed", train_argv("{W}", "--config.train.seed=3"), "train.seed"),
     ("train-changed-steps-no-flag", train_argv("{W}", "--config.train.num_steps=8"),

@@ -36,21 +36,27 @@ STALE_AFTER_SECS = 600.0
 def check_workdir_writable(workdir: str) -> None:
     """Raises UserError when `workdir` is a file, lies under a file, or cannot be written.
 
-    A local workdir that does not exist yet is created (the run is about to write there).
+    Creates nothing: a probe file is written to (and removed from) the workdir, or, when it does
+    not exist yet, its nearest existing parent folder.
     """
     if fileio.is_remote(workdir):
         return
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir} is a file, not a folder; give a folder (new or a "
                         "previous run's).")
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--workdir={workdir} lies under the file {existing}; give a folder "
+                        "path.")
+    probe = os.path.join(existing, f".qtransformers-write-test-{os.getpid()}")
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
         with open(probe, "w", encoding="utf-8") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as err:
-        raise UserError(f"--workdir={workdir} cannot be written ({type(err).__name__}: "
+        raise UserError(f"--workdir={workdir} cannot be written ({existing}: "
                         f"{err.strerror or err}); give a folder you can write to.") from err
 
 
