@@ -309,3 +309,19 @@ def test_resume_with_more_steps_continues_only_when_allowed(env, tmp_path, capfd
     assert record["config"]["train"]["num_steps"] == 6
     assert record["changed_on_resume"] == [
         {"field": "train.num_steps", "old": 4, "new": 6, "step": 4}]
+
+
+def test_checkpoint_of_another_model_is_refused_not_quarantined(env, tmp_path, capfd):
+    """Without config.json to compare with, the checkpoint's own shapes catch a changed model:
+    a readable checkpoint of another model is never labelled corrupt or moved."""
+    workdir, _, _ = env
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    os.remove(os.path.join(copy, "config.json"))
+    before = snapshot(copy)
+    capfd.readouterr()
+    assert cli.main(train_argv(copy, "--config.model.d_model=128")) == 2
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "checkpoint step 4" in lines[0], lines
+    assert "holds another model" in lines[0] and "shape" in lines[0]
+    assert snapshot(copy) == before and not os.path.exists(copy + "/checkpoints_corrupt")
