@@ -325,3 +325,12 @@ def test_checkpoint_of_another_model_is_refused_not_quarantined(env, tmp_path, c
     assert len(lines) == 1 and "checkpoint step 4" in lines[0], lines
     assert "holds another model" in lines[0] and "shape" in lines[0]
     assert snapshot(copy) == before and not os.path.exists(copy + "/checkpoints_corrupt")
+
+
+def test_evaluate_keeps_the_argparse_spellings():
+    """The argparse version accepted unique prefixes and '--flag value'; absl reads them too."""
+    from qtransformers.evaluate.main import parse_args
+    args = parse_args(["qtransformers evaluate", "--check=/x", "--num_eval", "2", "--per-layer",
+                       "--seeds", "4,5", "--no_quantized_outliers"])
+    assert (args.checkpoint, args.num_eval_batches, args.seeds) == ("/x", 2, "4,5")
+    assert args.per_layer and args.no_quantized_outliers and args.batch_size == 8
