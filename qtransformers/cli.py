@@ -4,8 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-# name -> ("module:function", help). Functions of ABSL_STYLE commands get argv with the program
-# name first (as absl.app passes it); the others get only the arguments (argparse style).
+# name -> ("module:function", help).
 SUBCOMMANDS = {
     "train": ("qtransformers.train.main:main", "pretrain a model: --config configs/X.py:preset "
               "--workdir DIR [--config.key=value ...]"),
@@ -17,6 +16,8 @@ SUBCOMMANDS = {
                   "text files"),
 }
 
+# Every command parses absl flags; train and reproduce take argv with the program name first
+# (as absl.app passes it), evaluate and tokenizer the arguments after the command.
 ABSL_STYLE = ("train", "reproduce")
 
 

@@ -17,6 +17,7 @@ from orbax.checkpoint._src.path import gcs_utils
 from qtransformers import fileio
 from qtransformers.data import build_tokenizer, default_data_config
 from qtransformers.data.vocab import word_vocab_path
+from qtransformers.commandline import UserError
 from qtransformers.evaluate.main import restore_trainer_workdir
 from qtransformers.train import writers
 from qtransformers.train.checkpointing import Checkpointer
@@ -158,7 +159,7 @@ def test_training_logs_config_and_vocab_to_a_gs_workdir(gcs):
     assert json.loads(fileio.read_text(f"{RUN}/config.json"))["resolved_model"]["num_layers"] == 1
     # `qtransformers evaluate --checkpoint gs://...` reads config.json remotely and looks for
     # orbax steps under gs://bucket/run/checkpoints (none were saved).
-    with pytest.raises(SystemExit, match="no finalized checkpoint under gs://bucket/run/"):
+    with pytest.raises(UserError, match="no finalized checkpoint under gs://bucket/run/"):
         restore_trainer_workdir(RUN)
 
 

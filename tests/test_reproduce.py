@@ -173,3 +173,39 @@ def test_curves_cli_plots_and_tabulates_trainer_runs(reproduced, tmp_path, capsy
     history = report["results"]["vanilla"]["history"]
     assert f"| vanilla | 6 | {history[-1]['avg_kurtosis']:.3g} |" in table
     assert curves.main([str(tmp_path), "--out", out]) == 2  # not a trainer workdir
+
+
+def test_changed_budget_retrains_exactly_the_affected_runs(reproduced, tmp_path):
+    """A rerun never reports stale models: a run whose training config changed (here the
+    gated method's budget, 6 -> 8 steps) is moved to superseded/ and trained and evaluated
+    again; the unchanged vanilla run is reused."""
+    import shutil
+    source, first, _ = reproduced
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(source, workdir)
+    calls = []
+
+    def counting_train(cfg, run_dir):
+        calls.append(os.path.basename(run_dir))
+        return train_and_evaluate(cfg, run_dir)
+
+    config = _two_method_config()
+    config.reproduce.methods.gated.train = {"num_steps": 8}
+    report = run_reproduce(config, workdir, train_fn=counting_train)
+    assert calls == ["gated-seed0"]
+    superseded = os.listdir(os.path.join(workdir, "superseded"))
+    assert len(superseded) == 1 and superseded[0].startswith("gated-seed0-")
+    run_dir = os.path.join(workdir, "runs", "gated-seed0")
+    with open(os.path.join(run_dir, "train_done.json")) as f:
+        done = json.load(f)
+    assert done["step"] == done["num_steps"] == 8
+    with open(os.path.join(run_dir, "config.json")) as f:
+        assert json.load(f)["config"]["train"]["num_steps"] == 8
+    with open(os.path.join(run_dir, "eval.json")) as f:
+        history = json.load(f)["history"]  # the new run's outlier evaluations
+    assert [h["step"] for h in history] == [3, 6, 8]
+    assert {name: run["steps"] for name, run in report["run"]["runs"].items()} == {
+        "vanilla-seed0": 6, "gated-seed0": 8}
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["vanilla"] == {r["method"]: r for r in first["rows"]}["vanilla"]
+    assert rows["gated"]["fp"] != {r["method"]: r for r in first["rows"]}["gated"]["fp"]

@@ -2,6 +2,7 @@
 step, a corrupt newest checkpoint falls back to the previous one (on another topology), and a
 NaN loss stops with an error while the last good checkpoint remains."""
 import glob
+import json
 import logging
 import os
 import signal
@@ -13,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from qtransformers import cli
 from qtransformers.train.config import load_config_file
 from qtransformers.train.loop import NonFiniteLossError, train_and_evaluate
 from qtransformers.train.writers import read_metrics
@@ -76,7 +78,15 @@ def _losses(workdir, steps):
     return np.array([metrics[s]["loss"] for s in steps])
 
 
-def test_kill9_then_resume_matches_uninterrupted_run(tmp_path, compile_cache):
+def _rows(workdir):
+    """metrics.jsonl's rows in file order, without the timing fields (rates, ETA, MFU)."""
+    timing = ("step_time", "tokens_per_sec", "eta_sec", "mfu")
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [{k: v for k, v in row.items() if k not in timing} for row in rows]
+
+
+def test_kill9_then_resume_matches_uninterrupted_run(tmp_path, compile_cache, capfd):
     reference = str(tmp_path / "reference")
     run = _cli(reference, compile_cache, **{"train.checkpoint_every": 0})
     assert run.wait(timeout=300) == 0, run.stderr.read()[-2000:]
@@ -85,14 +95,36 @@ def test_kill9_then_resume_matches_uninterrupted_run(tmp_path, compile_cache):
     args = {"train.checkpoint_every": 20, "train.async_checkpoint": False}
     run = _cli(workdir, compile_cache, **args)
     _wait_for(lambda: _finalized_steps(workdir), run)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
+    run.send_signal(signal.SIGSTOP)  # freeze it mid-run: its lock is live
+    try:
+        # a second trainer on the same workdir refuses with one line, touching nothing
+        metrics_before = open(os.path.join(workdir, "metrics.jsonl")).read()
+        capfd.readouterr()
+        argv = ["train", f"--config={CONFIG}:gated", f"--workdir={workdir}"]
+        argv += [f"--config.{k}={v}" for k, v in {**OVERRIDES, **args}.items()]
+        assert cli.main(argv) == 2
+        err = capfd.readouterr().err.strip()
+        assert "\n" not in err and f"pid {run.pid}" in err and "in use" in err, err
+        assert open(os.path.join(workdir, "metrics.jsonl")).read() == metrics_before
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
     assert run.returncode == -signal.SIGKILL
     assert max(read_metrics(workdir)) < STEPS, "the run finished before it was killed"
-    resumed = _cli(workdir, compile_cache, **args)
+    assert os.path.exists(os.path.join(workdir, "train.lock"))  # left behind by kill -9
+    resumed = _cli(workdir, compile_cache, **args)  # takes the dead run's lock over
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
-    np.testing.assert_allclose(_losses(workdir, range(1, STEPS + 1)),
-                               _losses(reference, range(1, STEPS + 1)), rtol=1e-6)
+    assert not os.path.exists(os.path.join(workdir, "train.lock"))
+    # every step once, in order, and the same rows as the uninterrupted run
+    rows, reference_rows = _rows(workdir), _rows(reference)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r.keys() for r in rows] == [r.keys() for r in reference_rows]
+    for row, ref in zip(rows, reference_rows):
+        assert row["split"] == ref["split"]
+        for key, value in ref.items():
+            if key != "split":
+                np.testing.assert_allclose(row[key], value, rtol=1e-6,
+                                           err_msg=f"{key} at step {ref['step']}")
 
 
 def test_sigterm_saves_the_current_step(tmp_path, compile_cache):
@@ -103,6 +135,8 @@ def test_sigterm_saves_the_current_step(tmp_path, compile_cache):
     assert run.wait(timeout=120) == 0, run.stderr.read()[-2000:]
     saved = _finalized_steps(workdir)
     assert saved == [max(read_metrics(workdir))] and 3 <= saved[0] < STEPS
+    assert (f"qtransformers train: preempted at step {saved[0]}, rerun the same command to "
+            "continue.") in run.stderr.read()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -117,7 +151,8 @@ def test_corrupt_newest_checkpoint_falls_back_on_a_smaller_mesh(tmp_path, caplog
     one_device = _config(**{"train.num_steps": 6, "train.checkpoint_every": 2,
                             "mesh.shape.data": 1})
     with caplog.at_level(logging.WARNING):
-        final = train_and_evaluate(one_device, workdir, devices=jax.devices()[:1])
+        final = train_and_evaluate(one_device, workdir, devices=jax.devices()[:1],
+                                   allow_changed=["train.num_steps"])
     assert "checkpoint step 4" in caplog.text and "does not restore" in caplog.text
     assert final["step"] == 6 and _finalized_steps(workdir) == [2, 4, 6]
     # restored step 2 (saved on 8 devices) on 1 device and retrained steps 3, 4 identically

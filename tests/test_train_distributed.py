@@ -85,9 +85,9 @@ def test_two_processes_match_one_process(tmp_path):
                                    err_msg=jax.tree_util.keystr(path))
 
     # ...and the trainer resumes it in one process exactly as it resumes the one-process run.
-    config.train.num_steps = 6
+    config.train.num_steps = 6  # a longer run: an allowed change of the run's identity
     for run_dir in (workdir, single):
-        train_and_evaluate(config, run_dir)
+        train_and_evaluate(config, run_dir, allow_changed=["train.num_steps"])
     two, one = read_metrics(workdir), read_metrics(single)
     np.testing.assert_allclose([two[s]["loss"] for s in (5, 6)],
                                [one[s]["loss"] for s in (5, 6)], rtol=2e-5)

@@ -197,6 +197,9 @@ def validate_data_config(cfg: ml_collections.ConfigDict, check_paths: bool = Tru
         if not cfg.eval_path:
             _require(0.0 < cfg.eval_fraction < 1.0, f"data.eval_fraction={cfg.eval_fraction} "
                      "must be in (0, 1) when data.eval_path is empty.")
+        if check_paths:  # empty, blank or binary files; an empty evaluation split
+            from qtransformers.data.corpus import check_text_source
+            check_text_source(cfg)
     if cfg.source == "tfds":
         _require(bool(cfg.tfds_name), "data.tfds_name is empty; source='tfds' needs a dataset "
                  "name such as 'wiki40b/en', 'lm1b' or 'imagenet2012'.")

@@ -68,6 +68,62 @@ def text_files(path: str | Path) -> list[Path]:
                             "folder of .txt files.")
 
 
+_SNIFF_BYTES = 8192
+
+
+def _binary_reason(head: bytes) -> str | None:
+    """Why the first bytes of a file are not UTF-8 text (NUL bytes, invalid UTF-8), or None."""
+    if b"\0" in head:
+        return "holds NUL bytes"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:  # not just a character cut at the sniff boundary
+            return f"is not UTF-8 (byte {err.start} = 0x{head[err.start]:02x})"
+    return None
+
+
+def count_text_lines(path: str | Path, label: str, at_most: int) -> int:
+    """Non-blank lines of the text at `path` (file or folder of *.txt), counting stops at
+    `at_most`; raises ValueError naming `label` (e.g. 'data.path') and the file when a file is
+    binary.
+
+    Reads only the start of each file for the binary check and stops at `at_most` lines, so it
+    is cheap on a large corpus.
+    """
+    count = 0
+    for f in text_files(path):
+        with open(f, "rb") as fh:
+            reason = _binary_reason(fh.read(_SNIFF_BYTES))
+        if reason:
+            raise ValueError(f"{label}={str(path)!r}: {str(f)!r} {reason}, so it is not a "
+                             f"text file; point {label} at UTF-8 .txt files.")
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.strip():
+                    count += 1
+                    if count >= at_most:
+                        return count
+    return count
+
+
+def check_text_source(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field and path when local text (source='text') is not text,
+    is empty or blank, or leaves an empty evaluation split."""
+    train_lines = count_text_lines(cfg.path, "data.path", 2)
+    if train_lines == 0:
+        raise ValueError(f"data.path={cfg.path!r} is empty (no non-blank line); give a .txt file "
+                         "or folder of .txt files with text in it.")
+    if cfg.eval_path:
+        if count_text_lines(cfg.eval_path, "data.eval_path", 1) == 0:
+            raise ValueError(f"data.eval_path={cfg.eval_path!r} is empty (no non-blank line), so "
+                             "the evaluation split would be empty; give a file with text, or set "
+                             "data.eval_path='' to hold out data.eval_fraction of data.path.")
+    elif train_lines < 2:
+        raise ValueError(f"data.path={cfg.path!r} has 1 non-blank line; holding out an evaluation "
+                         "split needs >= 2 (or set data.eval_path).")
+
+
 def read_lines(path: str | Path) -> list[str]:
     """Non-blank, stripped lines of a text file or of every *.txt in a folder, in sorted order."""
     lines: list[str] = []

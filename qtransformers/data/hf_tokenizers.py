@@ -6,7 +6,6 @@ with the HuggingFace `tokenizers` library on local text files and writes a .json
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from collections.abc import Iterator, Sequence
 
@@ -169,19 +168,89 @@ def train_tokenizer(files: Sequence[str | Path], kind: str = "wordpiece", vocab_
     return out
 
 
+TOKENIZER_USAGE = ("usage: qtransformers tokenizer FILE_OR_FOLDER... [--kind wordpiece|bpe] "
+                   "[--vocab_size 8192] [--min_frequency 2] [--out tokenizer.json]\n\n"
+                   "Train a WordPiece or byte-level BPE tokenizer on .txt files, folders of "
+                   "them, or 'builtin' (the built-in corpus).")
+
+
+def _tokenizer_flags() -> "flags.FlagValues":
+    from absl import flags
+    f = flags.FlagValues()
+    flags.DEFINE_enum("kind", "wordpiece", TRAIN_KINDS, "wordpiece (BERT) or bpe (byte-level, "
+                      "GPT-2 / OPT)", flag_values=f)
+    flags.DEFINE_integer("vocab_size", 8192, "vocabulary size including the 5 specials",
+                         flag_values=f)
+    flags.DEFINE_integer("min_frequency", 2, "pairs / pieces seen fewer times are not merged",
+                         lower_bound=1, flag_values=f)
+    flags.DEFINE_string("out", "tokenizer.json", "output .json path", flag_values=f)
+    return f
+
+
+def _check_inputs(files: Sequence[str], out: str) -> None:
+    """Raises UserError for a missing, empty or binary input, or an --out that is a folder."""
+    import os
+
+    from qtransformers.commandline import UserError
+    from qtransformers.data.corpus import count_text_lines
+    if not files:
+        raise UserError("no input files; give .txt files, folders of them, or 'builtin' "
+                        "(see --help).")
+    for f in files:
+        if f == "builtin":
+            continue
+        if not Path(f).exists():
+            raise UserError(f"input {f!r} does not exist; give .txt files, folders of them, or "
+                            "'builtin'.")
+        try:
+            if count_text_lines(f, "input", 1) == 0:
+                raise UserError(f"input {f!r} is empty (no non-blank line); give text to train "
+                                "on.")
+        except FileNotFoundError as err:  # a folder without *.txt
+            raise UserError(str(err).replace("data.path", "input")) from err
+        except UserError:
+            raise
+        except ValueError as err:  # binary
+            raise UserError(str(err)) from err
+    if os.path.isdir(out):
+        raise UserError(f"--out={out} is a folder; give the .json file to write, e.g. "
+                        f"{os.path.join(out, 'tokenizer.json')}.")
+
+
+def _underscored(arg: str) -> str:
+    """'--vocab-size=8' -> '--vocab_size=8' (the argparse spelling); other arguments unchanged."""
+    if not arg.startswith("--"):
+        return arg
+    name, sep, value = arg[2:].partition("=")
+    return f"--{name.replace('-', '_')}{sep}{value}"
+
+
 def tokenizer_main(argv: Sequence[str] | None = None) -> int:
-    """Command line for `train_tokenizer`: `... FILES --kind bpe --vocab-size 8192 --out t.json`."""
-    parser = argparse.ArgumentParser(prog="qtransformers tokenizer",
-                                     description="Train a WordPiece or byte-level BPE tokenizer.")
-    parser.add_argument("files", nargs="+", help=".txt files, folders, or 'builtin'")
-    parser.add_argument("--kind", choices=TRAIN_KINDS, default="wordpiece")
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--min-frequency", type=int, default=2)
-    parser.add_argument("--out", default="tokenizer.json", help="output .json path")
-    args = parser.parse_args(argv)
-    out = train_tokenizer(args.files, args.kind, args.vocab_size, args.out, args.min_frequency)
+    """Command line for `train_tokenizer`: `... FILES --kind bpe --vocab_size 8192 --out t.json`.
+
+    argv: the arguments after `tokenizer` (default sys.argv[1:]). The argparse spellings
+    --vocab-size / --min-frequency still work. Returns 0, or 2 after one line on stderr.
+    """
+    import sys
+
+    from qtransformers.commandline import run_command
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_command("qtransformers tokenizer", _tokenizer, ["qtransformers tokenizer", *argv])
+
+
+def _tokenizer(argv: list[str]) -> int:
+    from qtransformers.commandline import UserError, parse_flags
+    argv = [_underscored(a) for a in argv]
+    flag_values = _tokenizer_flags()
+    files = parse_flags(flag_values, argv, TOKENIZER_USAGE)[1:]
+    if flag_values.vocab_size <= len(SPECIAL_TOKENS):
+        raise UserError(f"--vocab_size={flag_values.vocab_size} must exceed the "
+                        f"{len(SPECIAL_TOKENS)} special tokens.")
+    _check_inputs(files, flag_values.out)
+    out = train_tokenizer(files, flag_values.kind, flag_values.vocab_size, flag_values.out,
+                          flag_values.min_frequency)
     tok = HFTokenizer(out)
-    print(f"wrote {out} ({args.kind}, vocab_size={tok.vocab_size}); use it with "
+    print(f"wrote {out} ({flag_values.kind}, vocab_size={tok.vocab_size}); use it with "
           f"--config.data.tokenizer={out}")
     return 0
 

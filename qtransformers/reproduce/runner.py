@@ -1,9 +1,17 @@
 """`qtransformers reproduce`: train each method under one budget, evaluate, and report.
 
-Workdir layout (every stage is skipped when its output exists, so a rerun resumes):
+Workdir layout (every stage is skipped when its output exists and was made by the current
+config, so a rerun resumes):
   runs/<method>-seed<k>/        the trainer's workdir (checkpoints/, metrics.jsonl, ...)
-  runs/<method>-seed<k>/train_done.json, eval.json
+  runs/<method>-seed<k>/train_done.json, eval.json   each with the fingerprint it was made with
+  superseded/<method>-seed<k>-<fingerprint>/   a run trained under an earlier config, moved here
   report.md, report.json, *.png
+
+A run's training fingerprint is that of its trainer config (qtransformers.train.run_identity:
+model, data, optimizer, num_steps, seeds, ...); its evaluation fingerprint adds the evaluation
+settings (quant preset, PTQ seeds, batches). A rerun whose config changes a run's training
+fingerprint (a new budget, say) moves that run aside and trains it again; one that changes only
+the evaluation settings evaluates again. Unaffected runs are reused.
 """
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 from typing import Any, Callable, Mapping
 
@@ -28,6 +37,7 @@ from qtransformers.quant.config import get_preset
 from qtransformers.quant.evaluate import evaluate_ptq
 from qtransformers.reproduce import analysis, plots
 from qtransformers.reproduce.report import build_report, write_report
+from qtransformers.train import run_identity
 
 log = logging.getLogger("qtransformers.reproduce")
 # Sections a method may override besides model fields (reproduce.methods.NAME.optim.x = ...).
@@ -45,6 +55,10 @@ def _write_json(path: str, value: Any) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=1, default=float)
     os.replace(tmp, path)  # atomic: a killed run never leaves a half-written marker
+
+
+class Preempted(Exception):
+    """A run stopped by SIGTERM after saving a checkpoint; rerunning the command continues."""
 
 
 def validate_reproduce_config(config: ml_collections.ConfigDict) -> None:
@@ -178,6 +192,44 @@ def combine_seeds(per_seed: list[dict[str, Any]], metric: str) -> dict[str, Any]
     return first
 
 
+# reproduce settings that change a run's evaluation (not its training).
+EVAL_SETTINGS = ("quant_preset", "ptq_seeds", "num_eval_batches", "eval_batch_size",
+                 "num_calib_batches", "calib_batch_size")
+
+
+def training_fields(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The identity fields of one run's trainer config (run_identity.identity_fields)."""
+    from qtransformers.train.config import model_config_from
+    return run_identity.config_fields(cfg, model_config_from(cfg))
+
+
+def evaluation_fingerprint(train_fingerprint: str, rcfg: ml_collections.ConfigDict) -> str:
+    """The fingerprint of a run's evaluation: its training plus the evaluation settings."""
+    settings = {k: json.loads(json.dumps(rcfg[k], default=list)) for k in EVAL_SETTINGS}
+    return run_identity.fingerprint({"train": train_fingerprint, **settings})
+
+
+def _supersede_stale_run(workdir: str, run_dir: str, fields: dict[str, Any], tag: str) -> None:
+    """Moves run_dir to workdir/superseded/ when its config.json records another training
+    config than `fields` (then it is trained again from scratch); nothing else is touched."""
+    record = run_identity.read_run_record(run_dir) if os.path.isdir(run_dir) else None
+    if record is None:
+        return
+    old = run_identity.recorded_fields(record)
+    changed = run_identity.differences(old, fields)
+    if not changed:
+        return
+    shown = ", ".join(f"{k} {old.get(k)!r} -> {fields.get(k)!r}" for k in changed[:6])
+    destination = os.path.join(workdir, "superseded",
+                               f"{os.path.basename(run_dir)}-{run_identity.fingerprint(old)}")
+    if os.path.exists(destination):
+        destination += f"-{int(time.time())}"
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    shutil.move(run_dir, destination)
+    log.warning("%s: trained under another config (%s); moved it to %s and training it again.",
+                tag, shown, destination)
+
+
 def run_reproduce(config: ml_collections.ConfigDict, workdir: str, *,
                   train_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
                   command: str = "") -> dict[str, Any]:
@@ -210,27 +262,37 @@ def run_reproduce(config: ml_collections.ConfigDict, workdir: str, *,
         cfg = method_config(config, method, seed)
         done, evaluated = (os.path.join(run_dir, n) for n in ("train_done.json", "eval.json"))
         tag = f"[reproduce {index}/{len(runs)}] {method} seed {seed}"
+        fields = training_fields(cfg)
+        train_fp = run_identity.fingerprint(fields)
+        eval_fp = evaluation_fingerprint(train_fp, rcfg)
+        _supersede_stale_run(workdir, run_dir, fields, tag)
         if os.path.exists(done):
-            log.info("%s: trained already, skipping", tag)
+            log.info("%s: trained already (fingerprint %s), skipping", tag, train_fp)
         else:
             log.info("%s: training %d steps", tag, cfg.train.num_steps)
             t0 = time.time()
             metrics = train_fn(cfg, run_dir)
             if metrics.get("preempted"):
-                raise SystemExit(f"{tag}: stopped by SIGTERM after a checkpoint; rerun the same "
-                                 "command to continue.")
-            _write_json(done, dict(metrics, wall_seconds=time.time() - t0))
-        if os.path.exists(evaluated):
-            result = _read_json(evaluated)
-        else:
+                raise Preempted(f"{method} seed {seed} preempted at step {metrics.get('step')}, "
+                                "rerun the same command to continue.")
+            _write_json(done, dict(metrics, wall_seconds=time.time() - t0, fingerprint=train_fp,
+                                   num_steps=cfg.train.num_steps))
+        result = _read_json(evaluated) if os.path.exists(evaluated) else None
+        if result is not None and result.get("fingerprint") != eval_fp:
+            log.info("%s: its evaluation was made with other settings; evaluating again", tag)
+            result = None
+        if result is None:
             log.info("%s: evaluating (FP, outliers, %s over PTQ seeds %s)", tag,
                      rcfg.quant_preset, list(rcfg.ptq_seeds))
             t0 = time.time()
             result = evaluate_run(cfg, run_dir, rcfg)
             result["eval_seconds"] = time.time() - t0
+            result["fingerprint"] = eval_fp
             _write_json(evaluated, result)
+        trained = _read_json(done)
         timings[f"{method}-seed{seed}"] = dict(
-            train_s=round(_read_json(done).get("wall_seconds", 0.0), 1),
+            steps=int(trained.get("step", cfg.train.num_steps)),
+            train_s=round(trained.get("wall_seconds", 0.0), 1),
             eval_s=round(result.get("eval_seconds", 0.0), 1))
         per_method.setdefault(method, []).append(result)
 

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from qtransformers import fileio
+from qtransformers.commandline import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,30 @@ def local_data_state(saved: dict[str, Any]) -> Any:
                      f"{jax.process_count()}.")
 
 
+def param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{"['decoder']['layers_0']...": shape} of a parameter tree's array leaves (arrays,
+    ShapeDtypeStructs or orbax array metadata)."""
+    from flax.core import meta
+    leaves = jax.tree_util.tree_flatten_with_path(meta.unbox(tree))[0]  # nn.Partitioned boxes
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves
+            if hasattr(leaf, "shape")}
+
+
+def describe_mismatch(saved: dict[str, tuple[int, ...]],
+                      wanted: dict[str, tuple[int, ...]]) -> str | None:
+    """The first difference between saved and wanted parameter shapes (param_shapes dicts), in
+    words, or None when they agree."""
+    for name in sorted(set(saved) | set(wanted)):
+        if name not in saved:
+            return f"parameter {name} is not in the checkpoint"
+        if name not in wanted:
+            return f"the checkpoint has parameter {name}, which the configured model lacks"
+        if saved[name] != wanted[name]:
+            return (f"parameter {name} has shape {saved[name]} in the checkpoint, "
+                    f"{wanted[name]} in the configured model")
+    return None
+
+
 class Checkpointer:
     """Saves {'state': TrainState pytree, 'data': iterator state (JSON)} every `every` steps
     under `directory`, keeps the newest `keep`, optionally asynchronously.
@@ -68,6 +93,7 @@ class Checkpointer:
             save_interval_steps=max(every, 1), max_to_keep=keep,
             enable_async_checkpointing=async_save, create=True)
         self.every = every
+        self._metadata_manager: Any = None
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data"))
 
@@ -94,13 +120,21 @@ class Checkpointer:
         """(step, state, data_state) from the newest checkpoint that restores, else None.
 
         Steps that fail to restore are moved to `<directory>_corrupt/` (so training can save
-        those step numbers again) after a warning.
+        those step numbers again) after a warning. A readable step whose parameters have other
+        names or shapes than the target (a checkpoint of another model) raises UserError and is
+        left where it is.
 
         Args:
           target: the abstract state (ShapeDtypeStructs with shardings on the current mesh).
         """
         failed, result = [], None
         for step in reversed(self.all_steps()):
+            mismatch = self.params_mismatch(step, target)
+            if mismatch:  # a readable checkpoint of another model: not corrupt, never moved
+                raise UserError(
+                    f"checkpoint step {step} in {self.directory} holds another model than the "
+                    f"config ({mismatch}); train this config in a new --workdir, or resume with "
+                    "the config that wrote it.")
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
@@ -115,6 +149,22 @@ class Checkpointer:
         if failed:
             self._quarantine(failed)
         return result
+
+    def params_mismatch(self, step: int, target: Any) -> str | None:
+        """How the parameters saved at `step` differ in names or shapes from `target.params`
+        (first difference), or None when they agree or the metadata cannot be read (a corrupt
+        step: restoring it fails and quarantines it)."""
+        try:
+            if self._metadata_manager is None:
+                self._metadata_manager = ocp.CheckpointManager(
+                    self.directory, options=ocp.CheckpointManagerOptions(create=False),
+                    item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                   "data": ocp.JsonCheckpointHandler()})
+            saved = self._metadata_manager.item_metadata(step)["state"]["params"]
+            saved_shapes = param_shapes(saved)
+        except Exception:  # unreadable metadata: let the restore decide (corrupt)
+            return None
+        return describe_mismatch(saved_shapes, param_shapes(target.params))
 
     def _quarantine(self, steps: list[int]) -> None:
         """Moves unrestorable step directories out of the manager's directory."""
@@ -146,6 +196,8 @@ class Checkpointer:
         """Waits for pending saves and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+        if self._metadata_manager is not None:
+            self._metadata_manager.close()
 
 
 class PreemptionFlag:

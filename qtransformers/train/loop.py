@@ -13,7 +13,7 @@ import numpy as np
 
 from qtransformers import fileio
 from qtransformers.models.registry import build_model
-from qtransformers.train import checkpointing, flops, inputs
+from qtransformers.train import checkpointing, flops, inputs, run_identity
 from qtransformers.train import mesh as mesh_lib
 from qtransformers.train import outliers as outliers_lib
 from qtransformers.train.config import check_vocab, validate_config, validate_for_devices
@@ -22,6 +22,7 @@ from qtransformers.train.optimizer import make_optimizer
 from qtransformers.train.state import (TrainState, all_finite, count_params, make_init_fn,
                                        state_shardings, with_shardings)
 from qtransformers.train.step import SUM_KEYS, make_eval_step, make_train_step
+from qtransformers.train.workdir_lock import WorkdirLock, check_workdir_writable
 from qtransformers.train.writers import MetricWriter, Throughput
 
 logger = logging.getLogger(__name__)
@@ -36,13 +37,25 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                  outlier_eval_fn: outliers_lib.OutlierEvalFn | None = None,
-                 devices: Sequence[jax.Device] | None = None):
+                 devices: Sequence[jax.Device] | None = None,
+                 allow_changed: Sequence[str] = ()):
         self.model_cfg = validate_config(config)
         fileio.check_remote_support(workdir)  # gs:// without gcsfs: a clear error, not orbax's
+        allow_changed = run_identity.check_allow_changed(allow_changed)
         mesh_lib.maybe_initialize_distributed(config.distributed)
         self.mesh = mesh_lib.make_mesh(config.mesh.shape, devices)
         validate_for_devices(config, tuple(self.mesh.shape.values()), jax.process_count())
         self.config, self.workdir = config, workdir
+        self.is_chief = jax.process_index() == 0
+        # The workdir: the same run (or an allowed change), not locked by a live trainer,
+        # writable; all checked before anything is written there.
+        self.previous_record = run_identity.read_run_record(workdir)
+        self.changed_fields = run_identity.check_resume(workdir, config, self.model_cfg,
+                                                        allow_changed)
+        self.lock = WorkdirLock(workdir)
+        if self.is_chief:
+            self.lock.check()
+            check_workdir_writable(workdir)
         self.rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
         self.family = self.model_cfg.family
         vocab = inputs.data_vocab_size(config, workdir)
@@ -56,7 +69,6 @@ class Trainer:
         self.abstract, self.shardings = state_shardings(
             self.model, self.model_cfg, self.tx, self.seq_len, self.mesh, self.rules)
         self.outlier_eval_fn = outlier_eval_fn or outliers_lib.default_outlier_eval_fn
-        self.is_chief = jax.process_index() == 0
         self.checkpointer = checkpointing.Checkpointer(
             os.path.join(workdir, "checkpoints"), train.checkpoint_every, train.keep_checkpoints,
             train.async_checkpoint)
@@ -129,13 +141,27 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Trains until train.num_steps (or a SIGTERM / preemption notice); returns the last
         train metrics, eval metrics and outlier metrics."""
+        if self.is_chief:
+            self.lock.acquire()
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> dict[str, Any]:
         config, train = self.config, self.config.train
         train_iter = inputs.train_iterator(config, self.tokenizer, self.workdir)
         state = self.initial_state(train_iter)
         start = int(jax.device_get(state.step))
-        writer = MetricWriter(self.workdir, enabled=self.is_chief)
+        # rows past the restored step were written by a run that died before its next
+        # checkpoint; they are trained again now, so they are dropped (each step once).
+        writer = MetricWriter(self.workdir, enabled=self.is_chief, keep_through_step=start)
         if self.is_chief:
-            _write_config(self.workdir, config, self.model_cfg)
+            if self.changed_fields:
+                logger.warning("continuing %s at step %d with changed %s (recorded in "
+                               "config.json).", self.workdir, start, self.changed_fields)
+            _write_config(self.workdir, config, self.model_cfg, self.previous_record,
+                          self.changed_fields, start)
         throughput = self._throughput()
         preemption = checkpointing.PreemptionFlag()
         if jax.process_count() == 1:  # multi-host: jax's own preemption notifier owns SIGTERM
@@ -167,6 +193,7 @@ class Trainer:
         try:
             with mesh_lib.sharding_context(self.mesh, self.rules):
                 for step in range(start + 1, train.num_steps + 1):
+                    self.lock.heartbeat()
                     batch = self._global_batch(next(train_iter))
                     state, metrics = self.train_step(state, batch)
                     flush()
@@ -246,22 +273,22 @@ def _due(step: int, every: int, last: bool) -> bool:
     return every > 0 and (step % every == 0 or last)
 
 
-def _write_config(workdir: str, config: ml_collections.ConfigDict, model_cfg: Any) -> None:
+def _write_config(workdir: str, config: ml_collections.ConfigDict, model_cfg: Any,
+                  previous: dict[str, Any] | None = None, changed: Sequence[str] = (),
+                  step: int = 0) -> None:
     """workdir/config.json: the run's config (local data paths made absolute, so that
-    `qtransformers evaluate` finds the data from any directory) and the resolved model."""
-    saved = json.loads(config.to_json_best_effort())
-    for key in ("path", "eval_path", "tokenizer"):
-        value = saved["data"].get(key)
-        if value and not fileio.is_remote(value) and os.path.exists(value):
-            saved["data"][key] = os.path.abspath(value)
+    `qtransformers evaluate` finds the data from any directory), the resolved model, the run's
+    fingerprint and the fields changed on resume (see run_identity.run_record)."""
+    record = run_identity.run_record(config, model_cfg, previous, changed, step)
     fileio.makedirs(workdir)  # local or remote (gs://) workdir
-    fileio.write_text(os.path.join(workdir, "config.json"), json.dumps(
-        {"config": saved, "resolved_model": model_cfg.to_dict()}, indent=2))
+    fileio.write_text(os.path.join(workdir, run_identity.CONFIG_FILE),
+                      json.dumps(record, indent=2))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        outlier_eval_fn: outliers_lib.OutlierEvalFn | None = None,
-                       devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+                       devices: Sequence[jax.Device] | None = None,
+                       allow_changed: Sequence[str] = ()) -> dict[str, Any]:
     """Trains (resuming from workdir/checkpoints when present) and evaluates.
 
     Args:
@@ -271,10 +298,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         averaged over train.outlier_eval_steps eval batches every train.outlier_eval_every
         steps (default: per-layer kurtosis / inf-norm of the block outputs).
       devices: run on these local devices only (single process; default all devices).
+      allow_changed: identity fields (only 'train.num_steps') that may differ from the
+        workdir's config.json; any other difference raises UserError before any work.
     Returns:
       {'step', 'loss', 'accuracy', 'grad_norm', 'learning_rate', 'eval_loss',
        'eval_accuracy', 'eval_perplexity', 'outliers': {...}, 'preempted'?}.
     Raises:
       ValueError: a bad config (before any work). NonFiniteLossError: a NaN / inf loss.
     """
-    return Trainer(config, workdir, outlier_eval_fn, devices).run()
+    return Trainer(config, workdir, outlier_eval_fn, devices, allow_changed).run()

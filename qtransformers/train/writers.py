@@ -37,9 +37,14 @@ class MetricWriter:
     every `sync_every_secs` seconds and on `close` (a resumed run first downloads the existing
     metrics.jsonl); TensorBoard reads the copied event files from gs:// directly. A failed copy
     is logged and retried at the next sync, never raised into training.
+
+    keep_through_step: a run resumed from the checkpoint of this step first drops the
+    metrics.jsonl rows of later steps (written before the previous run died; they are trained
+    again), so every step is recorded once. None keeps every row.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True, sync_every_secs: float = 60.0):
+    def __init__(self, workdir: str, enabled: bool = True, sync_every_secs: float = 60.0,
+                 keep_through_step: int | None = None):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
@@ -53,6 +58,8 @@ class MetricWriter:
             os.makedirs(workdir, exist_ok=True)
         self._sync_every, self._last_sync = sync_every_secs, time.monotonic()
         self._uploaded: dict[str, tuple[int, int]] = {}  # staged file -> (size, mtime_ns)
+        if keep_through_step is not None:
+            drop_rows_after(os.path.join(self.local_dir, METRICS_FILE), keep_through_step)
         self._jsonl = open(os.path.join(self.local_dir, METRICS_FILE), "a", encoding="utf-8")
         try:
             from tensorboardX import SummaryWriter
@@ -127,6 +134,31 @@ class MetricWriter:
                 logger.warning("the logs of %s stay in %s; copy them by hand.", self._remote,
                                self.local_dir)
             self._remote = None
+
+
+def drop_rows_after(path: str, step: int) -> int:
+    """Rewrites the local JSONL file `path` without its rows of steps > `step` (a no-op when
+    there are none or no file); returns how many rows were dropped. Unparsable lines (a row cut
+    by a kill) are dropped too."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    kept, dropped = [], 0
+    for line in filter(str.strip, lines):
+        try:
+            keep = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        fileio.write_text(path, "".join(line + "\n" for line in kept))
+        logger.info("%s: dropped %d rows past the restored step %d (they are trained again).",
+                    path, dropped, step)
+    return dropped
 
 
 def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
