@@ -31,6 +31,15 @@ TRAIN_OVERRIDES = ["--config.model.num_layers=1", "--config.data.seq_len=32",
                    "--config.train.outlier_eval_every=0", "--config.train.async_checkpoint=False"]
 
 
+
+def corrupt_checkpoints(workdir: str, step: str) -> None:
+    """Overwrites every state file of checkpoint `step` ('*' = all steps) with garbage."""
+    for path in glob.glob(os.path.join(workdir, "checkpoints", step, "state", "**", "*"),
+                          recursive=True):
+        if os.path.isfile(path):
+            with open(path, "wb") as f:
+                f.write(b"\0garbage\0" * 8)
+
 def train_argv(workdir, *extra, config=f"{CONFIG}:vanilla"):
     return ["train", f"--config={config}", f"--workdir={workdir}", *TRAIN_OVERRIDES, *extra]
 
@@ -73,11 +82,7 @@ def env(tmp_path_factory):
     # every checkpoint corrupt
     corrupt = str(base / "corrupt")
     shutil.copytree(workdir, corrupt)
-    for path in glob.glob(os.path.join(corrupt, "checkpoints", "*", "state", "**", "*"),
-                          recursive=True):
-        if os.path.isfile(path):
-            with open(path, "wb") as f:
-                f.write(b"\0garbage\0" * 8)
+    corrupt_checkpoints(corrupt, "*")
     files["corrupt"] = corrupt
     # params of the 1-layer model, for a 2-layer --model
     from qtransformers.evaluate.main import restore_trainer_workdir
@@ -273,11 +278,7 @@ def test_evaluate_falls_back_past_a_corrupt_newest_checkpoint(env, tmp_path, cap
     workdir, _, _ = env
     copy = str(tmp_path / "run")
     shutil.copytree(workdir, copy)
-    for path in glob.glob(os.path.join(copy, "checkpoints", "4", "state", "**", "*"),
-                          recursive=True):
-        if os.path.isfile(path):
-            with open(path, "wb") as f:
-                f.write(b"\0garbage\0" * 8)
+    corrupt_checkpoints(copy, "4")
     before = snapshot(copy)
     _, params, _ = restore_trainer_workdir(copy)
     err = capfd.readouterr().err
