@@ -6,8 +6,10 @@
 
 A sentence-transformers folder has `modules.json` listing its modules in order: a
 `Transformer` (the HF model, in the folder named by its `path`, usually the root), a `Pooling`
-(`<path>/config.json`: pooling_mode_{cls_token, mean_tokens, max_tokens}, exactly one true) and
-optionally a `Normalize` (L2 normalisation); `sentence_bert_config.json` gives max_seq_length.
+(`<path>/config.json`: pooling_mode_{cls_token, mean_tokens, max_tokens}, exactly one true, or
+since sentence-transformers 6 pooling_mode 'mean' | 'cls' | 'max') and optionally a `Normalize`
+(L2 normalisation); max_seq_length comes from `sentence_bert_config.json` (or, since 6, the
+tokenizer's model_max_length).
 Other modules (Dense, LayerNorm, ...) and other pooling modes (mean_sqrt_len, weightedmean,
 lasttoken, several at once) are refused with a ValueError naming them.
 
@@ -129,15 +131,22 @@ def describe_encoder_folder(folder: str | Path) -> EncoderFolder:
     pooling_dir = root / modules[types.index("Pooling")].get("path", "")
     pooling = pooling_from_config(_read_json(pooling_dir / "config.json"),
                                   str(pooling_dir / "config.json"))
-    max_len = None
-    for name in ("sentence_bert_config.json",):
-        path = transformer_dir / name
-        if path.is_file():
-            max_len = _read_json(path).get("max_seq_length")
-    if max_len is None:
-        max_len = _read_json(transformer_dir / "config.json").get("max_position_embeddings", 512)
     return EncoderFolder("sentence-transformers", root, transformer_dir, pooling,
-                         "Normalize" in types, int(max_len))
+                         "Normalize" in types, _max_seq_length(transformer_dir))
+
+
+def _max_seq_length(transformer_dir: Path) -> int:
+    """sentence_bert_config.json's max_seq_length (sentence-transformers < 6), else the
+    tokenizer's model_max_length (>= 6 stores it there), capped by the position table."""
+    positions = int(_read_json(transformer_dir / "config.json").get("max_position_embeddings",
+                                                                    512))
+    for name, key in (("sentence_bert_config.json", "max_seq_length"),
+                      ("tokenizer_config.json", "model_max_length")):
+        path = transformer_dir / name
+        value = _read_json(path).get(key) if path.is_file() else None
+        if isinstance(value, int) and 0 < value < 10**6:
+            return min(value, positions)
+    return positions
 
 
 def load_encoder(folder: str | Path, **overrides: Any) -> tuple[ModelConfig, Any, EncoderFolder]:
@@ -147,11 +156,11 @@ def load_encoder(folder: str | Path, **overrides: Any) -> tuple[ModelConfig, Any
     Raises FileNotFoundError / ValueError (see describe_encoder_folder, load_hf).
     """
     info = describe_encoder_folder(folder)
-    state_dict, hf_config = read_hf_folder(info.transformer_dir)
-    model_type = hf_config.get("model_type")
+    model_type = _read_json(info.transformer_dir / "config.json").get("model_type")
     if model_type not in ENCODER_MODEL_TYPES:
         raise ValueError(f"{info.transformer_dir / 'config.json'}: model_type={model_type!r} is "
                          f"not supported as a sentence encoder; supported: {ENCODER_MODEL_TYPES}.")
+    state_dict, hf_config = read_hf_folder(info.transformer_dir)
     values = dict(pooling=info.pooling, normalize_embeddings=info.normalize,
                   dropout_rate=0.0, attention_dropout_rate=0.0)
     values.update(overrides)
