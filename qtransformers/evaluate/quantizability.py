@@ -59,7 +59,11 @@ def site_table(task: EmbeddingTask, model: Any, params: Any, probe_batches: int
     acc = OutlierAccumulator(ALL_SITES)
     apply_fn = EncoderApply(model)
     for _, batch in task.inputs()[:probe_batches]:
-        acc.add(jax.device_get(_outlier_step(apply_fn, params, batch)))
+        points = flatten_points(jax.device_get(_outlier_step(apply_fn, params, batch)))
+        for path, d in points.items():  # attention 'channels' are key positions: keep the max
+            if path.rsplit("/", 1)[-1] in ATTENTION_KINDS:
+                d["channel_max"] = np.max(d["channel_max"], keepdims=True)
+        acc.add(unflatten_points(points))
     result = acc.result()
     rows = []
     for path, entry in result["per_tensor"].items():
