@@ -80,13 +80,15 @@ def run_embedding(args: Any, source: CheckpointSource, seeds: tuple[int, ...]) -
     result = {"checkpoint": args.checkpoint, "resolved": source.path, "kind": source.kind,
               "model": model_cfg.to_dict(), "task": task.name, "rows": rows,
               "per_seed": per_seed, "config": config.to_dict()}
+    if args.out:  # before the (long) report
+        write_json(args.out, {**result, "report": args.report or None})
+        print(f"wrote {args.out}")
     if args.report:
         from qtransformers.evaluate.quantizability import quantizability_report, write_report
-        report = quantizability_report(task, model, params, config, fp, seed=seeds[0])
+        known = {config_label(config): {k: v for k, v in per_seed[0].items() if k != "seed"},
+                 token["label"]: rows[-1]}
+        report = quantizability_report(task, model, params, config, fp, seed=seeds[0],
+                                       known=known)
         for path in write_report(report, args.report, title=source.spec):
             print(f"wrote {path}")
-        result["report"] = args.report
-    if args.out:
-        write_json(args.out, result)
-        print(f"wrote {args.out}")
     return 0

@@ -160,8 +160,14 @@ def sensitivity_by_kind(task: EmbeddingTask, model: Any, params: Any, config: Qu
 def quantizability_report(task: EmbeddingTask, model: Any, params: Any, config: QuantConfig,
                           fp: Mapping[str, np.ndarray] | None = None, *, probe_batches: int = 4,
                           sweep: Sequence[tuple[int, int]] = SWEEP, seed: int = 0,
+                          known: Mapping[str, Mapping[str, Any]] | None = None,
                           log: Any = print) -> dict[str, Any]:
-    """The report dict (see module docstring); `log` gets one line per finished stage."""
+    """The report dict (see module docstring); `log` gets one line per finished stage.
+
+    known: metric rows already measured (same task, params and seed), keyed by config_label,
+    each {'recall@1', ..., 'cos mean', 'cos p5'}; those configs are not evaluated again.
+    """
+    known = known or {}
     start = time.time()
     fp = fp if fp is not None else task.embed(model, params)
     rows, channel_max = site_table(task, model, params, probe_batches)
@@ -176,12 +182,16 @@ def quantizability_report(task: EmbeddingTask, model: Any, params: Any, config: 
     configs += [config.replace(weight_bits=w, act_bits=a) for w, a in sweep
                 if (w, a) != (config.weight_bits, config.act_bits)]
     for c in configs:
-        r = task.evaluate_config(model, params, c, fp=fp, seed=seed)
-        metrics.append({"config": r["label"], **r["metrics"], "cos mean": r["cosine"]["mean"],
-                        "cos p5": r["cosine"]["p5"], "weight_bits": c.weight_bits,
+        label = config_label(c)
+        if label in known:
+            row = dict(known[label])
+        else:
+            r = task.evaluate_config(model, params, c, fp=fp, seed=seed)
+            row = {**r["metrics"], "cos mean": r["cosine"]["mean"], "cos p5": r["cosine"]["p5"]}
+        metrics.append({"config": label, **row, "weight_bits": c.weight_bits,
                         "act_bits": c.act_bits})
-        log(f"{r['label']}: recall@1 {r['metrics']['recall@1']:.4f}, cosine "
-            f"{r['cosine']['mean']:.4f} ({time.time() - start:.0f} s)")
+        log(f"{label}: recall@1 {row['recall@1']:.4f}, cosine {row['cos mean']:.4f} "
+            f"({time.time() - start:.0f} s)")
     sensitivity = sensitivity_by_kind(task, model, params, config, probe_batches, seed)
     log(f"sensitivity: {len(sensitivity)} rows ({time.time() - start:.0f} s)")
     top = np.argsort(-channel_max[worst["path"]])[:16]
