@@ -110,3 +110,28 @@ def test_quantized_embeddings_approach_fp_with_more_bits(tiny_task):
         assert set(result["metrics"]) >= {"recall@1", "recall@10", "mrr"}
     assert cos[16, "per_tensor"] > 0.9999 and cos[16, "per_token"] > 0.9999
     assert cos[4, "per_tensor"] < 0.999
+
+
+@pytest.mark.slow
+def test_quantizability_report_files_and_numbers(tiny_task, tmp_path):
+    from qtransformers.evaluate.quantizability import (capture, quantizability_report,
+                                                       write_report)
+    task, model, params = tiny_task
+    config = QuantConfig(num_calibration_batches=1, calibration_batch_size=8)
+    report = quantizability_report(task, model, params, config, probe_batches=2,
+                                   sweep=((8, 4),), log=lambda _: None)
+    labels = [m["config"] for m in report["metrics"]]
+    assert labels == ["FP", "W8A8 per-tensor", "W8A8 per-token", "W8A4 per-tensor"]
+    worst = max(report["sites"], key=lambda r: r["max |x|"] if "scores" not in r["site"]
+                and "probs" not in r["site"] else 0)
+    acts = [(capture(model, params, b, [worst["path"]])[worst["path"]], b["attention_mask"])
+            for _, b in task.inputs()[:2]]
+    direct = max(float(np.abs(a[m.astype(bool)]).max()) for a, m in acts)
+    assert worst["max |x|"] == pytest.approx(direct, rel=1e-5)
+    kinds = [r["quantized"] for r in report["sensitivity"]]
+    assert kinds[:2] == ["weights only", "activations only"] and "kind mlp_residual" in kinds
+    files = write_report(report, str(tmp_path / "rep"), title="tiny")
+    for name in ("report.md", "report.json", "outliers_per_layer.png",
+                 "channel_token_heatmap.png", "metric_vs_bits.png"):
+        assert (tmp_path / "rep" / name).stat().st_size > 0
+    assert len(files) == 5

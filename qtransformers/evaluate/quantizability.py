@@ -17,7 +17,8 @@ Contents:
   points, config's act_bits), then one kind of QuantPoint quantized at a time (every layer's
   'mlp_residual', ...); plus weights only and activations only. Measured by the cosine to the FP
   embeddings on the probe texts.
-The probe texts are the task's first `probe_batches` evaluation batches (shortest texts first).
+The probe texts are the task's first `probe_batches` evaluation batches (shortest texts first);
+the sensitivity uses half of them (each kind compiles its own quantized forward).
 """
 from __future__ import annotations
 
@@ -149,7 +150,10 @@ def sensitivity_by_kind(task: EmbeddingTask, model: Any, params: Any, config: Qu
                 task, model, params, unflatten_points(ranges), config, fp, probe)}]
     kinds: dict[str, list[str]] = {}
     for p in ranges:
-        kinds.setdefault(group_of(p, "kind"), []).append(p)
+        kind = group_of(p, "kind")
+        if kind == "output":  # LayerNorm outputs: name the LayerNorm (attention_ln/output)
+            kind = "/".join(p.split("/")[-2:]) if "layers_" in p else p
+        kinds.setdefault(kind, []).append(p)
     for kind, paths in kinds.items():
         subset = unflatten_points({p: ranges[p] for p in paths})
         rows.append({"quantized": f"kind {kind}", "points": len(paths),
@@ -192,13 +196,17 @@ def quantizability_report(task: EmbeddingTask, model: Any, params: Any, config: 
                         "act_bits": c.act_bits})
         log(f"{label}: recall@1 {row['recall@1']:.4f}, cosine {row['cos mean']:.4f} "
             f"({time.time() - start:.0f} s)")
-    sensitivity = sensitivity_by_kind(task, model, params, config, probe_batches, seed)
+    # One compilation per kind (each subset of ranges is a new pytree): half the probe texts.
+    sens_batches = max(1, probe_batches // 2)
+    sensitivity = sensitivity_by_kind(task, model, params, config, sens_batches, seed)
     log(f"sensitivity: {len(sensitivity)} rows ({time.time() - start:.0f} s)")
     top = np.argsort(-channel_max[worst["path"]])[:16]
     mask = heat_batch["attention_mask"][-1].astype(bool)  # the longest text of the batch
     return {
         "config": config.to_dict(), "num_articles": len(task.queries),
         "probe_texts": int(sum(int((i >= 0).sum()) for i, _ in task.inputs()[:probe_batches])),
+        "sensitivity_texts": int(sum(int((i >= 0).sum())
+                                     for i, _ in task.inputs()[:sens_batches])),
         "sites": rows, "outlier_tokens": tokens, "metrics": metrics, "sensitivity": sensitivity,
         "heatmap": {"path": worst["path"], "channels": [int(c) for c in top],
                     "tokens": [task.tokenizer.id_to_token(i)
@@ -232,10 +240,13 @@ def _plots(report: Mapping[str, Any], folder: str) -> list[str]:
     heat = report["heatmap"]
     values = np.asarray(heat["values"])
     fig, ax = plt.subplots(figsize=(min(18, 2 + 0.25 * values.shape[1]), 5))
-    im = ax.imshow(values, aspect="auto", cmap="magma")
+    from matplotlib.colors import LogNorm
+    im = ax.imshow(np.maximum(values, 1e-2), aspect="auto", cmap="magma",
+                   norm=LogNorm(vmin=max(float(values.min()), 1e-2), vmax=float(values.max())))
     ax.set_yticks(range(len(heat["channels"])), [str(c) for c in heat["channels"]], fontsize=7)
     ax.set_xticks(range(len(heat["tokens"])), heat["tokens"], rotation=90, fontsize=6)
-    ax.set(ylabel="channel", title=f"|x| at {heat['path']}: top channels x tokens of one text")
+    ax.set(ylabel="channel", title=f"|x| (log colour scale) at {heat['path']}: top channels x "
+           "tokens of one text")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     written.append(os.path.join(folder, "channel_token_heatmap.png"))
@@ -269,9 +280,9 @@ def report_markdown(report: Mapping[str, Any], title: str) -> str:
     tok_rows = [{**t, "top tokens": ", ".join(t["top tokens"])} for t in report["outlier_tokens"]]
     return "\n\n".join([
         f"# Quantizability report: {title}",
-        f"{report['num_articles']} articles (inverse-cloze retrieval), "
-        f"{report['probe_texts']} probe texts for outliers and sensitivity; "
-        f"{report['seconds']:.0f} s.",
+        f"{report['num_articles']} articles (inverse-cloze retrieval); "
+        f"{report['probe_texts']} probe texts (the shortest) for the outliers, "
+        f"{report['sensitivity_texts']} for the sensitivity; {report['seconds']:.0f} s.",
         "## Task metric: full precision, paper W8A8, per-token, bit-width sweep",
         format_table(report["metrics"], metric_cols),
         "## Sites by max |x| (top 15 of all QuantPoints)",
