@@ -81,7 +81,7 @@ def tiny_task(tmp_path_factory):
     docs = [q + " " + sentence(int(n)) for q, n in zip(queries, rng.integers(4, 30, 12))]
     calib = [sentence(int(n)) for n in rng.integers(3, 20, 40)]
     task = EmbeddingTask([f"t{i}" for i in range(12)], queries, docs, calib, tok, batch_size=8)
-    config = ModelConfig(vocab_size=len(tokens), d_model=32, num_layers=2, num_heads=4, d_ff=64,
+    config = ModelConfig(vocab_size=len(tokens), d_model=32, num_layers=1, num_heads=4, d_ff=64,
                          max_len=32, pooling="mean", normalize_embeddings=True)
     model = build_model(config)
     params = model.init(jax.random.key(0), np.zeros((1, 4), np.int32))["params"]
@@ -102,13 +102,13 @@ def test_quantized_embeddings_approach_fp_with_more_bits(tiny_task):
     task, model, params = tiny_task
     fp = task.embed(model, params)
     cos = {}
-    for bits, gran in ((16, "per_tensor"), (16, "per_token"), (4, "per_tensor")):
+    for bits, gran in ((16, "per_tensor"), (4, "per_tensor")):  # per-token: the report test
         config = QuantConfig(weight_bits=bits, act_bits=bits, act_granularity=gran,
                              num_calibration_batches=2, calibration_batch_size=8)
         result = task.evaluate_config(model, params, config, fp=fp)
         cos[bits, gran] = result["cosine"]["mean"]
         assert set(result["metrics"]) >= {"recall@1", "recall@10", "mrr"}
-    assert cos[16, "per_tensor"] > 0.9999 and cos[16, "per_token"] > 0.9999
+    assert cos[16, "per_tensor"] > 0.9999
     assert cos[4, "per_tensor"] < 0.999
 
 
@@ -118,10 +118,11 @@ def test_quantizability_report_files_and_numbers(tiny_task, tmp_path):
                                                        write_report)
     task, model, params = tiny_task
     config = QuantConfig(num_calibration_batches=1, calibration_batch_size=8)
-    report = quantizability_report(task, model, params, config, probe_batches=2,
-                                   sweep=((8, 4),), log=lambda _: None)
+    report = quantizability_report(task, model, params, config, probe_batches=2, sweep=(),
+                                   log=lambda _: None)
     labels = [m["config"] for m in report["metrics"]]
-    assert labels == ["FP", "W8A8 per-tensor", "W8A8 per-token", "W8A4 per-tensor"]
+    assert labels == ["FP", "W8A8 per-tensor", "W8A8 per-token"]
+    assert 0.99 < report["metrics"][2]["cos mean"] <= 1.0 + 1e-6  # per-token: small error
     worst = max(report["sites"], key=lambda r: r["max |x|"] if "scores" not in r["site"]
                 and "probs" not in r["site"] else 0)
     acts = [(capture(model, params, b, [worst["path"]])[worst["path"]], b["attention_mask"])
