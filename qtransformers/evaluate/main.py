@@ -87,7 +87,10 @@ def restore_trainer_workdir(workdir: str) -> tuple[ModelConfig, Any, dict]:
     """(model config, params of the newest finalized checkpoint, run config) of a trainer workdir."""
     import orbax.checkpoint as ocp
     meta = _read_json(os.path.join(workdir, "config.json"))
-    model_cfg = ModelConfig.from_dict(meta["resolved_model"])
+    # PTQ and the outlier tools read the (B, H, T, T) attention tensors: evaluate on the
+    # materialised path, numerically the same as the blocked / fused one a run trained with.
+    model_cfg = ModelConfig.from_dict(meta["resolved_model"]).replace(
+        attention_impl="materialized")
     ckpt_dir = os.path.join(fileio.absolute(workdir), "checkpoints")
     manager = ocp.CheckpointManager(ckpt_dir, item_handlers={
         "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
