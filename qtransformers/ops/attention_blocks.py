@@ -106,33 +106,35 @@ def clipped_weights(spec: BlockSpec, s: jax.Array, valid: jax.Array,
     return sigma, p, passes
 
 
-def probabilities(spec: BlockSpec, s: jax.Array, valid: jax.Array, lse: jax.Array,
-                  m: jax.Array) -> jax.Array:
-    """The attention probabilities of a tile (before dropout), from the saved row statistics."""
-    if spec.softmax == "clipped":
-        return clipped_weights(spec, s, valid, lse)[1]
-    if spec.softmax == "softpick":
-        numerator, _ = online_terms(spec, s, valid, m)
-        return numerator * jnp.exp(m - lse)[..., None]
-    return jnp.where(valid, jnp.exp(masked_scores(s, valid) - lse[..., None]), 0.0)
-
-
-def score_cotangent(spec: BlockSpec, s: jax.Array, valid: jax.Array, lse: jax.Array,
-                    m: jax.Array, dprobs: jax.Array, row_dot: jax.Array) -> jax.Array:
-    """d loss / d scores of a tile.
+def weights_and_score_cotangent(spec: BlockSpec, s: jax.Array, valid: jax.Array,
+                                lse: jax.Array, m: jax.Array, dprobs: jax.Array,
+                                row_dot: jax.Array, keep_scale: jax.Array | None
+                                ) -> tuple[jax.Array, jax.Array]:
+    """Backward pass of one tile: (dropped-out probabilities, d loss / d scores).
 
     Args:
-      dprobs: d loss / d probs (B, H, bq, bk), dropout already folded in.
+      s, valid: the recomputed tile; lse, m: the row statistics the forward pass saved.
+      dprobs: dO · V per entry (B, H, bq, bk): d loss / d (dropped-out) probabilities.
       row_dot: D (B, H, bq) = Σ_k (d loss / d weight_k) weight_k, i.e. dO · O for the softmax
         family and softpick, and dO · R (R = Σ (ζ−γ) σ [passes] v) for clipped.
+      keep_scale: dropout keep mask / (1 − rate) broadcastable to the tile, or None.
+    Returns:
+      the probabilities times keep_scale (for dV) and d loss / d scores, both (B, H, bq, bk).
     """
     d = row_dot[..., None]
+    if keep_scale is not None:
+        dprobs = dprobs * keep_scale
     if spec.softmax == "clipped":
-        sigma, _, passes = clipped_weights(spec, s, valid, lse)
-        return sigma * ((spec.zeta - spec.gamma) * jnp.where(passes, dprobs, 0.0) - d)
-    e = jnp.where(valid, jnp.exp(masked_scores(s, valid) - lse[..., None]), 0.0)
-    if spec.softmax == "softpick":
-        u = jnp.exp(masked_scores(s, valid) - m[..., None]) - jnp.exp(-m)[..., None]
-        positive = valid & (u > 0)
-        return e * (jnp.where(positive, dprobs, 0.0) - jnp.sign(jnp.where(valid, u, 0.0)) * d)
-    return e * (dprobs - d)
+        sigma, probs, passes = clipped_weights(spec, s, valid, lse)
+        ds = sigma * ((spec.zeta - spec.gamma) * jnp.where(passes, dprobs, 0.0) - d)
+    elif spec.softmax == "softpick":
+        shifted = jnp.exp(masked_scores(s, valid) - m[..., None])
+        u = jnp.where(valid, shifted - jnp.exp(-m)[..., None], 0.0)
+        to_probs = jnp.exp(m - lse)[..., None]  # 1 / the shifted denominator
+        probs = jax.nn.relu(u) * to_probs
+        e = jnp.where(valid, shifted * to_probs, 0.0)  # e^(s − lse): d |u| / ds and d u / ds
+        ds = e * (jnp.where(u > 0, dprobs, 0.0) - jnp.sign(u) * d)
+    else:
+        probs = jnp.where(valid, jnp.exp(masked_scores(s, valid) - lse[..., None]), 0.0)
+        ds = probs * (dprobs - d)
+    return (probs if keep_scale is None else probs * keep_scale), ds

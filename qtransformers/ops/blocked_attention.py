@@ -163,10 +163,8 @@ def _blocked_bwd(spec, residuals, d_out):
                                                        seed, i, j)
             dprobs = jnp.einsum("bqhd,bkhd->bhqk", do_blk, v_blk.astype(F32),
                                 precision=spec.precision)
-            weights = blk.probabilities(spec, s, valid, lse_i, m_i)
-            if keep_scale is not None:
-                dprobs, weights = dprobs * keep_scale, weights * keep_scale
-            ds = blk.score_cotangent(spec, s, valid, lse_i, m_i, dprobs, d_i)
+            weights, ds = blk.weights_and_score_cotangent(spec, s, valid, lse_i, m_i, dprobs,
+                                                          d_i, keep_scale)
             dq_blk = dq_blk + jnp.einsum("bhqk,bkhd->bqhd", ds, k_blk.astype(F32),
                                          precision=spec.precision)
             dk_blk = jnp.einsum("bhqk,bqhd->bkhd", ds, q_blk.astype(F32),
