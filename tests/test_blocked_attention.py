@@ -155,3 +155,26 @@ def test_unknown_variant_and_bad_block_size():
     with pytest.raises(ValueError, match="block"):
         blocked_attention(Q, K, V, block_q=0)
     assert set(SOFTMAX_VARIANTS) == {name for name, _ in VARIANTS}
+
+
+def test_pallas_clipped_kernel_in_interpret_mode_equals_materialized():
+    from qtransformers.ops.pallas_attention import pallas_clipped_attention
+    q, k, v = (x[:1, :20, :1] for x in (Q, K, V))
+    padding = jnp.array([[False] * 2 + [True] * 15 + [False] * 3])
+
+    def ref(q, k, v):
+        mask = attn_ops.combine_masks(attn_ops.padding_to_attention_mask(padding),
+                                      attn_ops.causal_mask(20))
+        probs = get_softmax_fn("clipped", gamma=-0.1)(attn_ops.attention_scores(q, k), where=mask)
+        return attn_ops.attention_context(probs, v)
+
+    def kernel(q, k, v):
+        return pallas_clipped_attention(q, k, v, gamma=-0.1, key_mask=padding, causal=True,
+                                        block_q=8, block_k=8, interpret=True)
+
+    cotangent = COTANGENT[:1, :20, :1]
+    both = jax.jit(lambda *a: [jax.vjp(f, *a) for f in (ref, kernel)])
+    (want, want_vjp), (got, got_vjp) = both(q, k, v)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    for g, w in zip(got_vjp(cotangent), want_vjp(cotangent)):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
