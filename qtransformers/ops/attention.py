@@ -131,7 +131,7 @@ def attention_fn(softmax: str = "vanilla", gamma: float = 0.0, zeta: float = 1.0
     or `nnx.MultiHeadAttention(..., attention_fn=attention_fn(...))`.
 
     Args:
-      softmax: "vanilla", "clipped" or "softmax1".
+      softmax: one of SOFTMAX_VARIANTS ("sink" here has its logit fixed at 0, i.e. softmax1).
       gamma, zeta: clipped-softmax stretch (γ <= 0, ζ >= 1).
       alpha: if given, γ = −α / T with T = `alpha_seq_len` or the key length at call time.
     Returns:
