@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head_dim", type=int, default=64)
-    parser.add_argument("--block", type=int, default=512, help="blocked path's tile")
+    parser.add_argument("--block", type=int, default=256, help="blocked path's tile")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per path (median)")
     parser.add_argument("--bidirectional", action="store_true", help="no causal mask")
     parser.add_argument("--run_limit_gib", type=float, default=10.0,

@@ -63,7 +63,7 @@ class ModelConfig:
     gate_scale: float = 1.0
     context_quant: str = "after_gate"
     attention_impl: str = "materialized"
-    attention_block_size: int = 512
+    attention_block_size: int = 256
     # Numerics
     dtype: str = "float32"
     remat: bool = False

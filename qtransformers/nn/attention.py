@@ -25,7 +25,7 @@ def validate_attention_fields(num_heads: int, softmax: str, gamma: float, zeta: 
                               alpha: float | None, gate: str, gate_init: float,
                               context_quant: str = "after_gate",
                               attention_impl: str = "materialized",
-                              block_size: int = 512) -> None:
+                              block_size: int = 256) -> None:
     """Raises ValueError naming the first bad attention setting."""
     if attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl={attention_impl!r} is unknown; choose one of "
@@ -96,7 +96,7 @@ class Attention(nn.Module):
     gate_scale: float = 1.0
     context_quant: str = "after_gate"
     attention_impl: str = "materialized"
-    block_size: int = 512
+    block_size: int = 256
     fused: bool = False  # replaced by attention_impl; True raises a line naming it
     out_features: int | None = None
     use_bias: bool = True

@@ -74,7 +74,7 @@ class NnxAttention(nnx.Module):
                  alpha_seq_len: int | None = None, causal: bool = False,
                  dropout_rate: float = 0.0, gate: str = "none", gate_init: float = 0.5,
                  gate_hidden: int | None = None, gate_scale: float = 1.0,
-                 attention_impl: str = "materialized", block_size: int = 512,
+                 attention_impl: str = "materialized", block_size: int = 256,
                  kernel_init: Any = nnx.initializers.normal(0.02), rngs: nnx.Rngs):
         validate_attention_fields(num_heads, softmax, gamma, zeta, alpha, gate, gate_init,
                                   attention_impl=attention_impl, block_size=block_size)

@@ -33,10 +33,7 @@ class BlockSpec:
     dropout_rate: float
     block_q: int
     block_k: int
-    q_len: int  # real lengths, before padding to whole blocks
-    k_len: int
-    has_key_mask: bool
-    has_mask: bool
+    has_mask: bool  # a dense (B, H, Tq, Tk) mask besides key padding and causality
     precision: object = None
 
 

@@ -203,7 +203,7 @@ def blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                       sink: jax.Array | None = None, key_mask: jax.Array | None = None,
                       mask: jax.Array | None = None, causal: bool = False,
                       dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
-                      block_q: int = 512, block_k: int = 512,
+                      block_q: int = 256, block_k: int = 256,
                       softpick_eps: float = SOFTPICK_EPS, precision=None) -> jax.Array:
     """Attention softmax(Q Kᵀ / sqrt(D)) V for any softmax variant, in blocks.
 
@@ -243,8 +243,7 @@ def blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     spec = blk.BlockSpec(
         softmax=softmax, gamma=float(gamma), zeta=float(zeta), softpick_eps=float(softpick_eps),
         causal=causal, dropout_rate=float(dropout_rate) if dropout_active else 0.0,
-        block_q=bq, block_k=bk, q_len=q_len, k_len=k_len, has_key_mask=key_mask is not None,
-        has_mask=mask is not None, precision=precision)
+        block_q=bq, block_k=bk, has_mask=mask is not None, precision=precision)
 
     scaled = query / jnp.sqrt(depth).astype(query.dtype)
     scaled = jnp.pad(scaled, ((0, 0), (0, q_pad), (0, 0), (0, 0)))

@@ -144,8 +144,7 @@ def pallas_clipped_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     q_pad, k_pad = _round_up(q_len, bq) - q_len, _round_up(k_len, bk) - k_len
     spec = blk.BlockSpec(softmax="clipped", gamma=float(gamma), zeta=float(zeta),
                          softpick_eps=0.0, causal=causal, dropout_rate=0.0, block_q=bq,
-                         block_k=bk, q_len=q_len, k_len=k_len,
-                         has_key_mask=key_mask is not None, has_mask=False)
+                         block_k=bk, has_mask=False)
     scaled = query / jnp.sqrt(depth).astype(query.dtype)
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
     key_valid = jnp.ones((1, k_len), bool) if key_mask is None else jnp.asarray(key_mask, bool)
