@@ -26,6 +26,10 @@ Presets:
              per-model method settings (qtransformers.models.registry.PAPER_METHODS) and two
              training seeds as in paper Table 2. For TPU pods and GPU clusters: see
              docs/scaling.md for meshes and launchers.
+
+Any preset takes methods=sweep (above) or methods=field: the paper's three against the field's
+answers to heads that want to do nothing, softmax1, learned per-head sinks (gpt-oss) and
+softpick, e.g. configs/reproduce.py:preset=wikitext_h8,methods=field.
 """
 import os
 
@@ -71,16 +75,28 @@ SWEEP_METHODS = {
 }
 
 
+# methods=field: the paper's methods against softmax1, learned sinks and softpick.
+FIELD_METHODS = {
+    "vanilla": {},
+    "clipped": {"softmax": "clipped", "alpha": 4.0, "alpha_seq_len": 64},
+    "gated": {"gate": "linear", "gate_init": 0.25},
+    "softmax1": {"softmax": "softmax1"},
+    "sink": {"softmax": "sink"},
+    "softpick": {"softmax": "softpick"},
+}
+
+
 def get_config(arg=None):
     """The reproduce config for `arg` = a preset name above (or preset=NAME; default cpu),
     optionally with methods=sweep (vanilla, clipped α 4 / 12, linear gate π 0.25 / 0.5,
     MLP gate) for the local-text presets."""
     args = parse_config_arg(arg, bare="preset", preset="cpu", methods="paper")
     config = _preset_config(args["preset"])
-    if args["methods"] == "sweep":
-        config.reproduce.methods = ml_collections.ConfigDict(SWEEP_METHODS)
+    if args["methods"] in ("sweep", "field"):
+        config.reproduce.methods = ml_collections.ConfigDict(
+            SWEEP_METHODS if args["methods"] == "sweep" else FIELD_METHODS)
     elif args["methods"] != "paper":
-        raise ValueError(f"methods={args['methods']!r} is unknown; choose paper or sweep.")
+        raise ValueError(f"methods={args['methods']!r} is unknown; choose paper, sweep or field.")
     if args["preset"] not in PAPER_PRESETS:  # the paper recipes carry the paper's own γ
         config.reproduce.methods = ml_collections.ConfigDict(
             _clip_at_seq_len(config.reproduce.methods.to_dict(), config.data.seq_len))

@@ -7,7 +7,8 @@ from qtransformers.models import (BertForMaskedLM, ModelConfig, OptForCausalLM,
                                   VitForImageClassification, build_model, get_model_config)
 from qtransformers.convert import config_from_hf, load_hf, params_from_hf_state_dict
 from qtransformers.nn import Attention, AttentionGate, NnxAttention, QuantPoint
-from qtransformers.ops import (attention_fn, clipped_softmax, gamma_from_alpha, softmax1)
+from qtransformers.ops import (attention_fn, blocked_attention, clipped_softmax, gamma_from_alpha,
+                               sink_softmax, softmax1, softpick)
 
 __version__ = "0.1.0"
 from qtransformers.evaluate import collect_outlier_metrics, outlier_eval_fn

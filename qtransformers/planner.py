@@ -70,16 +70,21 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
 def activation_elements_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Elements autodiff keeps per token for the backward pass (no remat).
 
-    Per layer: LayerNorm in/out (4d), Q/K/V (3d), scores and probabilities (2 H T), context and
+    Per layer: LayerNorm in/out (4d), Q/K/V (3d), scores and probabilities (2 H T; blocked or
+    fused attention: the output, R and two row statistics, 2d + 2H, instead), context and
     attention output (2d), residuals (2d), FFN pre- and post-activation (2 d_ff), FFN output (d),
     plus dropout masks where dropout is on. Output head: logits, softmax, gradient (3 V).
     """
     d, h = cfg.d_model, cfg.num_heads
-    per_layer = 12 * d + 2 * cfg.d_ff + 2 * h * seq_len
+    per_layer = 12 * d + 2 * cfg.d_ff
+    if cfg.attention_impl == "materialized":
+        per_layer += 2 * h * seq_len
+        if cfg.attention_dropout_rate > 0:
+            per_layer += h * seq_len
+    else:  # blocked / fused keep the output, its row statistics and (clipped) R instead
+        per_layer += 2 * d + 2 * h
     if cfg.dropout_rate > 0:
         per_layer += 2 * d
-    if cfg.attention_dropout_rate > 0:
-        per_layer += h * seq_len
     if cfg.remat:
         per_layer = d  # only each block's input survives
     # logits, their softmax and the logits gradient are alive together at the peak.

@@ -129,7 +129,7 @@ def test_causal_attention_never_sees_the_future(gate, softmax, kw):
 def test_fused_path_equals_reference_path():
     ref = Attention(num_heads=H, causal=True, gate="linear")
     variables = ref.init(jax.random.PRNGKey(7), X, PADDING)
-    fused = Attention(num_heads=H, causal=True, gate="linear", fused=True)
+    fused = Attention(num_heads=H, causal=True, gate="linear", attention_impl="fused")
     valid = np.asarray(PADDING)
     np.testing.assert_allclose(np.asarray(fused.apply(variables, X, PADDING))[valid],
                                np.asarray(ref.apply(variables, X, PADDING))[valid], atol=1e-5)
@@ -149,7 +149,8 @@ def test_dropout_needs_rng_and_changes_output():
     (dict(softmax="sparse"), "softmax"), (dict(gate="conditional"), "gate"),
     (dict(softmax="clipped", gamma=0.1), "gamma"), (dict(softmax="clipped", zeta=0.5), "zeta"),
     (dict(gate="linear", gate_init=1.0), "gate_init"), (dict(num_heads=5), "divisible"),
-    (dict(fused=True, softmax="clipped", gamma=-0.1), "fused")])
+    (dict(attention_impl="fused", softmax="clipped", gamma=-0.1), "blocked"),
+    (dict(fused=True), "attention_impl='fused'"), (dict(attention_impl="flash"), "attention_impl")])
 def test_bad_attention_settings(kwargs, message):
     fields = dict(num_heads=H)
     fields.update(kwargs)

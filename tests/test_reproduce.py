@@ -134,6 +134,7 @@ def test_method_order_follows_the_paper():
 
 @pytest.mark.parametrize("preset", ["cpu", "wikitext", "wikitext_h8", "wikitext_long", "gpu",
                                     "gpu,methods=sweep", "wikitext_h8,methods=sweep",
+                                    "wikitext_h8,methods=field",
                                     "bert_base", "opt_125m", "vit_s16"])
 def test_reproduce_presets_validate(preset):
     from qtransformers.models.registry import PAPER_METHODS

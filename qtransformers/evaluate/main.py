@@ -184,7 +184,10 @@ def restore_trainer_workdir(workdir: str) -> tuple[ModelConfig, Any, dict]:
     import orbax.checkpoint as ocp
     meta = _read_json(os.path.join(workdir, "config.json"))
     try:
-        model_cfg = ModelConfig.from_dict(meta["resolved_model"])
+        # PTQ and the outlier tools read the (B, H, T, T) attention tensors: evaluate on the
+        # materialised path, numerically the same as the blocked / fused one a run trained with.
+        model_cfg = ModelConfig.from_dict(meta["resolved_model"]).replace(
+            attention_impl="materialized")
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{workdir}/config.json has no valid 'resolved_model' ({err}); it is not "
                         "a trainer workdir's config.") from err

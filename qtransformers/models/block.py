@@ -18,7 +18,8 @@ def attention_from_config(config: ModelConfig, causal: bool, name: str = "attent
         alpha=config.alpha, alpha_seq_len=config.alpha_seq_len or config.max_len, causal=causal,
         dropout_rate=config.attention_dropout_rate, gate=config.gate, gate_init=config.gate_init,
         gate_hidden=config.gate_hidden, gate_scale=config.gate_scale,
-        context_quant=config.context_quant, fused=config.fused_attention,
+        context_quant=config.context_quant, attention_impl=config.attention_impl,
+        block_size=config.attention_block_size,
         kernel_init=nn.initializers.normal(config.init_std), dtype=config.compute_dtype,
         name=name)
 

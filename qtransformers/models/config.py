@@ -18,10 +18,15 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 class ModelConfig:
     """Architecture and attention method. Defaults are BERT-base (paper.md §6).
 
-    Attention method fields (paper.md §2-3): softmax ("vanilla" | "clipped" | "softmax1"),
+    Attention method fields (paper.md §2-3): softmax ("vanilla" | "clipped" | "softmax1" |
+    "sink" (gpt-oss learned sink logit per head) | "softpick"),
     gamma (<= 0), zeta (>= 1), alpha (γ = −α / alpha_seq_len, default max_len), gate (see
     `ops.gates.GATE_VARIANTS`), gate_init (π_init in (0, 1)), gate_hidden (MLP gate width),
     gate_scale (1/π_init for fine-tuning mode), context_quant ("after_gate" | "before_gate").
+
+    attention_impl ("materialized" | "blocked" | "fused") picks how attention is computed
+    (numerically the same; see `nn.Attention` and docs/scaling.md); attention_block_size is
+    the blocked path's tile. The old `fused_attention=True` still loads as attention_impl="fused".
     """
 
     family: str = "bert"
@@ -58,7 +63,8 @@ class ModelConfig:
     gate_hidden: int | None = None
     gate_scale: float = 1.0
     context_quant: str = "after_gate"
-    fused_attention: bool = False
+    attention_impl: str = "materialized"
+    attention_block_size: int = 256
     # Numerics
     dtype: str = "float32"
     remat: bool = False
@@ -117,11 +123,13 @@ class ModelConfig:
                              f"model.patch_size={self.patch_size}.")
         try:
             validate_attention_fields(self.num_heads, self.softmax, self.gamma, self.zeta,
-                                      self.alpha, self.gate, self.gate_init, self.context_quant)
+                                      self.alpha, self.gate, self.gate_init, self.context_quant,
+                                      self.attention_impl, self.attention_block_size)
         except ValueError as err:
             raise ValueError(f"model.{err}") from None
-        if self.fused_attention and self.softmax != "vanilla":
-            raise ValueError("model.fused_attention=True needs model.softmax='vanilla'.")
+        if self.attention_impl == "fused" and self.attention_dropout_rate > 0:
+            raise ValueError("model.attention_impl='fused' has no attention dropout; set "
+                             "model.attention_dropout_rate=0 or use attention_impl='blocked'.")
 
     def replace(self, **overrides: Any) -> "ModelConfig":
         """A copy with some fields changed (validated)."""
@@ -134,6 +142,9 @@ class ModelConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
         """Builds from a dict / ConfigDict; unknown keys raise a ValueError listing them."""
         values = dict(values)
+        if "fused_attention" in values:  # the field attention_impl replaced (old run configs)
+            if values.pop("fused_attention"):
+                values["attention_impl"] = "fused"
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -256,6 +256,29 @@ def apply_point(module: nn.Module, x: jax.Array, layout: str = "tokens") -> jax.
     return y
 
 
+def active_attention_points(module: nn.Module) -> list[str]:
+    """Names in ATTENTION_LAYOUT_NAMES whose QuantPoint under `module` would act in this apply.
+
+    For attention paths that never build the (B, H, T, T) tensors: a point acts when it would
+    calibrate (mutable qstats), quantize (per-token context, or qranges at its path) or sow
+    outlier metrics (mutable outliers at a tracked path).
+    """
+    if module.is_initializing():
+        return []
+    ctx = current_context()
+    base = point_path(module)
+    ranges = module.variables.get(QRANGES, {})
+    active = []
+    for name in ATTENTION_LAYOUT_NAMES:
+        path = f"{base}/{name}"
+        tracked = module.is_mutable_collection(OUTLIERS) and (
+            ctx.outlier_sites is None or any(re.search(p, path) for p in ctx.outlier_sites))
+        if (module.is_mutable_collection(QSTATS) or ctx.granularity == "per_token"
+                or name in ranges or tracked):
+            active.append(name)
+    return active
+
+
 class QuantPoint(nn.Module):
     """Named activation site (paper.md §4); the identity unless quantization is requested.
 

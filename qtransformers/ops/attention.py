@@ -64,6 +64,57 @@ def attention_dropout(probs: jax.Array, rate: float, rng: jax.Array | None,
     return probs * (keep.astype(probs.dtype) / jnp.asarray(keep_prob, probs.dtype))
 
 
+def dropout_seed(rng: jax.Array) -> jax.Array:
+    """Two uint32 words drawn from a PRNG key: the seed of `dropout_keep_mask`."""
+    return jax.random.bits(rng, (2,), jnp.uint32)
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """A uint32 avalanche hash (Wellons' lowbias32): every input bit flips ~half the output bits."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_keep_mask(seed: jax.Array, query_pos: jax.Array, key_pos: jax.Array,
+                      rate: float) -> jax.Array:
+    """Attention-dropout keep mask as a pure function of (seed, query position, key position).
+
+    Any block of the (Tq, Tk) mask can be built on its own and equals the same block of the
+    whole mask, so the blocked path drops exactly the entries the materialised path drops.
+
+    Args:
+      seed: uint32 (2,), from `dropout_seed(rng)`.
+      query_pos: int (Tq,) absolute query positions; key_pos: int (Tk,) key positions.
+      rate: dropout probability in [0, 1).
+    Returns:
+      bool (Tq, Tk), True (kept) with probability 1 − rate, shared over batch and heads.
+    """
+    q = _mix32(query_pos.astype(jnp.uint32)[:, None] * jnp.uint32(0x9E3779B1) ^ seed[0])
+    bits = _mix32((q + key_pos.astype(jnp.uint32)[None, :] * jnp.uint32(0x85EBCA77)) ^ seed[1])
+    threshold = min(int(round((1.0 - rate) * 2.0 ** 32)), 2 ** 32 - 1)
+    return bits < jnp.uint32(threshold)
+
+
+def positional_attention_dropout(probs: jax.Array, rate: float,
+                                 rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout of (B, H, Tq, Tk) probabilities with `dropout_keep_mask` (shared over B, H).
+
+    The dropout of `Attention` on every path; `attention_dropout` keeps flax's own bits for
+    `attention_fn`.
+    """
+    if rate <= 0.0:
+        return probs
+    if rng is None:
+        raise ValueError("attention dropout with rate > 0 needs a dropout rng "
+                         "(pass rngs={'dropout': key} or deterministic=True).")
+    keep = dropout_keep_mask(dropout_seed(rng), jnp.arange(probs.shape[-2]),
+                             jnp.arange(probs.shape[-1]), rate)
+    return probs * (keep.astype(probs.dtype) / jnp.asarray(1.0 - rate, probs.dtype))
+
+
 def resolve_gamma(gamma: float, alpha: float | None, key_len: int,
                   alpha_seq_len: int | None = None) -> float:
     """γ itself, or −α / T when α is given (T = `alpha_seq_len`, else the key length)."""
@@ -80,7 +131,7 @@ def attention_fn(softmax: str = "vanilla", gamma: float = 0.0, zeta: float = 1.0
     or `nnx.MultiHeadAttention(..., attention_fn=attention_fn(...))`.
 
     Args:
-      softmax: "vanilla", "clipped" or "softmax1".
+      softmax: one of SOFTMAX_VARIANTS ("sink" here has its logit fixed at 0, i.e. softmax1).
       gamma, zeta: clipped-softmax stretch (γ <= 0, ζ >= 1).
       alpha: if given, γ = −α / T with T = `alpha_seq_len` or the key length at call time.
     Returns:

@@ -1,4 +1,5 @@
-"""Softmax variants for attention: vanilla, clipped (paper Eq. 4) and softmax1 ("off by one").
+"""Softmax variants for attention: vanilla, clipped (paper Eq. 4), softmax1 ("off by one"),
+learned sinks (gpt-oss) and softpick (rectified softmax).
 
 All functions are pure jnp, jit- and vmap-friendly, and normalise along `axis`.
 """
@@ -10,7 +11,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-SOFTMAX_VARIANTS = ("vanilla", "clipped", "softmax1")
+SOFTMAX_VARIANTS = ("vanilla", "clipped", "softmax1", "sink", "softpick")
+# softpick's ε, as in the reference implementation (zaydzuhri/softpick-attention): it is added to
+# the max-shifted denominator, so it only matters when every input is (almost) exactly 0.
+SOFTPICK_EPS = 1e-8
 
 
 def validate_clip_params(gamma: float, zeta: float) -> None:
@@ -90,27 +94,73 @@ def clipped_softmax(logits: jax.Array, gamma: float = 0.0, zeta: float = 1.0, ax
     return out if where is None else jnp.where(where, out, 0.0).astype(out.dtype)
 
 
-def softmax1(logits: jax.Array, axis: int = -1, where: jax.Array | None = None) -> jax.Array:
-    """Softmax with an extra zero logit ("off by one"): exp(x_i) / (1 + Σ_j exp(x_j)).
+def sink_softmax(logits: jax.Array, sink: jax.Array | float, axis: int = -1,
+                 where: jax.Array | None = None) -> jax.Array:
+    """Softmax with one extra logit per row that takes probability but has no value (gpt-oss).
 
-    Rows may sum to less than 1, letting a head output nothing. Same shapes as `softmax`.
+    p_i = exp(x_i) / (exp(s) + Σ_j exp(x_j)). The sink `s` absorbs what the head does not want
+    to spend; rows sum to 1 − exp(s) / (exp(s) + Σ_j exp(x_j)) < 1. s = 0 is softmax1.
+
+    Args:
+      logits: (B, H, Tq, Tk) attention scores (any shape, normalised along `axis`).
+      sink: the sink logit, broadcastable to `logits` with size 1 on `axis`, e.g. (H, 1, 1) for
+        one learned logit per head, or a scalar.
+      axis: the normalised (key) axis.
+      where: boolean mask broadcastable to `logits`; False entries come out exactly 0.
+    Returns:
+      probabilities of the real keys, same shape and dtype as `logits`.
     """
     masked = _masked_logits(logits, where)
-    row_max = jnp.maximum(jnp.max(masked, axis=axis, keepdims=True), 0.0)
-    row_max = jax.lax.stop_gradient(row_max)
+    sink = jnp.asarray(sink, logits.dtype)
+    row_max = jax.lax.stop_gradient(jnp.maximum(jnp.max(masked, axis=axis, keepdims=True), sink))
     exps = jnp.exp(masked - row_max)
     if where is not None:
         exps = jnp.where(where, exps, 0.0)
-    return exps / (jnp.exp(-row_max) + jnp.sum(exps, axis=axis, keepdims=True))
+    return exps / (jnp.exp(sink - row_max) + jnp.sum(exps, axis=axis, keepdims=True))
 
 
-def get_softmax_fn(softmax_name: str = "vanilla", gamma: float = 0.0,
-                   zeta: float = 1.0) -> Callable[..., jax.Array]:
+def softmax1(logits: jax.Array, axis: int = -1, where: jax.Array | None = None) -> jax.Array:
+    """Softmax with an extra zero logit ("off by one"): exp(x_i) / (1 + Σ_j exp(x_j)).
+
+    Rows may sum to less than 1, letting a head output nothing. It is `sink_softmax` with the
+    sink fixed at 0. Same shapes as `softmax`.
+    """
+    return sink_softmax(logits, 0.0, axis=axis, where=where)
+
+
+def softpick(logits: jax.Array, axis: int = -1, where: jax.Array | None = None,
+             eps: float = SOFTPICK_EPS) -> jax.Array:
+    """Softpick (Zuhri et al. 2025), a rectified softmax: relu(eˣⁱ − 1) / (Σ_j |eˣʲ − 1| + ε).
+
+    Computed as the reference does, shifted by the row max m over the unmasked keys:
+    relu(e^(x_i−m) − e^(−m)) / (Σ_j |e^(x_j−m) − e^(−m)| + ε); m carries no gradient (it only
+    moves ε). Logits <= 0 get probability exactly 0 and rows need not sum to 1. Masked keys
+    take no part (as the reference's −inf logits); fully masked rows come out 0.
+
+    Args:
+      logits: (B, H, Tq, Tk) attention scores (any shape, normalised along `axis`).
+      axis: the normalised (key) axis.
+      where: boolean mask broadcastable to `logits`; False entries come out exactly 0.
+      eps: ε of the shifted denominator.
+    Returns:
+      probabilities, same shape and dtype as `logits`.
+    """
+    masked = _masked_logits(logits, where)
+    row_max = jax.lax.stop_gradient(jnp.max(masked, axis=axis, keepdims=True))
+    shifted = jnp.exp(masked - row_max) - jnp.exp(-row_max)
+    if where is not None:
+        shifted = jnp.where(where, shifted, 0.0)
+    return jax.nn.relu(shifted) / (jnp.sum(jnp.abs(shifted), axis=axis, keepdims=True) + eps)
+
+
+def get_softmax_fn(softmax_name: str = "vanilla", gamma: float = 0.0, zeta: float = 1.0,
+                   sink: jax.Array | float | None = None) -> Callable[..., jax.Array]:
     """Returns `fn(logits, axis=-1, where=None) -> probs` for a softmax variant by name.
 
     Args:
       softmax_name: one of SOFTMAX_VARIANTS.
       gamma, zeta: clipped-softmax parameters (only used by "clipped"; validated always).
+      sink: the sink logit(s) of "sink" (see `sink_softmax`); None there means 0.
     """
     if softmax_name not in SOFTMAX_VARIANTS:
         raise ValueError(f"softmax={softmax_name!r} is unknown; choose one of {SOFTMAX_VARIANTS}.")
@@ -119,4 +169,8 @@ def get_softmax_fn(softmax_name: str = "vanilla", gamma: float = 0.0,
         return softmax
     if softmax_name == "softmax1":
         return softmax1
+    if softmax_name == "sink":
+        return functools.partial(sink_softmax, sink=0.0 if sink is None else sink)
+    if softmax_name == "softpick":
+        return softpick
     return functools.partial(clipped_softmax, gamma=gamma, zeta=zeta)
