@@ -85,7 +85,7 @@ def env(tmp_path_factory):
     corrupt_checkpoints(corrupt, "*")
     files["corrupt"] = corrupt
     # params of the 1-layer model, for a 2-layer --model
-    from qtransformers.evaluate.main import restore_trainer_workdir
+    from qtransformers.evaluate.checkpoints import restore_trainer_workdir
     _, params, _ = restore_trainer_workdir(workdir)
     (base / "one_layer.msgpack").write_bytes(serialization.to_bytes(params))
     files["one_layer.msgpack"] = str(base / "one_layer.msgpack")
@@ -274,7 +274,7 @@ def test_evaluate_falls_back_past_a_corrupt_newest_checkpoint(env, tmp_path, cap
     import numpy as np
     import orbax.checkpoint as ocp
 
-    from qtransformers.evaluate.main import restore_trainer_workdir
+    from qtransformers.evaluate.checkpoints import restore_trainer_workdir
     workdir, _, _ = env
     copy = str(tmp_path / "run")
     shutil.copytree(workdir, copy)

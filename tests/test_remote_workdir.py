@@ -18,7 +18,7 @@ from qtransformers import fileio
 from qtransformers.data import build_tokenizer, default_data_config
 from qtransformers.data.vocab import word_vocab_path
 from qtransformers.commandline import UserError
-from qtransformers.evaluate.main import restore_trainer_workdir
+from qtransformers.evaluate.checkpoints import restore_trainer_workdir
 from qtransformers.train import writers
 from qtransformers.train.checkpointing import Checkpointer
 from qtransformers.train.config import load_config_file

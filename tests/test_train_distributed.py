@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from qtransformers.evaluate.main import restore_trainer_workdir
+from qtransformers.evaluate.checkpoints import restore_trainer_workdir
 from qtransformers.train.config import load_config_file
 from qtransformers.train.loop import train_and_evaluate
 from qtransformers.train.mesh import DistributedInitError, maybe_initialize_distributed

@@ -30,7 +30,7 @@ import numpy as np
 
 from qtransformers import data as data_lib
 from qtransformers import fileio
-from qtransformers.evaluate.main import restore_trainer_workdir
+from qtransformers.evaluate.checkpoints import restore_trainer_workdir
 from qtransformers.evaluate.outliers import collect_outlier_metrics
 from qtransformers.models import ModelConfig, build_model
 from qtransformers.quant.config import get_preset
