@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import re
 import shlex
@@ -240,26 +239,11 @@ def check_mesh_fits(mesh_shape: dict[str, int], num_devices: int,
     """Check that the mesh axes multiply to `num_devices`; returns the shape with -1 filled in.
 
     One axis may be -1 (filled with whatever the others leave). Raises ValueError naming the
-    axes, their product and the device count when they do not match.
+    axes, their product and the device count when they do not match (the rule lives in
+    `qtransformers.hardware.fill_mesh_axes`, a pure-Python module: no JAX needed here).
     """
-    where = f" ({where})" if where else ""
-    shape = f"{{{', '.join(f'{k}: {v}' for k, v in mesh_shape.items())}}}"
-    bad = [k for k, v in mesh_shape.items() if v == 0 or v < -1]
-    fill = [k for k, v in mesh_shape.items() if v == -1]
-    if bad or len(fill) > 1:
-        raise ValueError(f"mesh {shape}: axis sizes must be positive, with at most one -1 "
-                         f"(fill); bad axes: {bad or fill}")
-    known = math.prod(v for v in mesh_shape.values() if v != -1)
-    if fill:
-        if num_devices % known:
-            raise ValueError(f"mesh {shape} does not fit {num_devices} devices{where}: the fixed "
-                             f"axes multiply to {known}, which does not divide {num_devices}")
-        return {k: (num_devices // known if v == -1 else v) for k, v in mesh_shape.items()}
-    if known != num_devices:
-        raise ValueError(f"mesh {shape} multiplies to {known} but there are {num_devices} "
-                         f"devices{where}: the product of the mesh axes must equal the device "
-                         "count (or set one axis to -1)")
-    return dict(mesh_shape)
+    from qtransformers.hardware import fill_mesh_axes
+    return fill_mesh_axes(mesh_shape, num_devices, "mesh", where)
 
 
 # --------------------------------------------------------------------------- train command

@@ -23,7 +23,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launch import common  # noqa: E402
 
-# accelerator generation -> (planner.DEVICE_PEAK_FLOPS key, planner.DEVICE_MEMORY_BYTES key)
+# accelerator generation -> (device_kind for hardware.peak_flops_per_device,
+#                            hardware.DEVICE_MEMORY_BYTES key)
 TPU_KINDS = {"v4": ("TPU v4", "v4"), "v5litepod": ("TPU v5 lite", "v5litepod"),
              "v5p": ("TPU v5p", "v5p"), "v6e": ("TPU v6 lite", "v6e")}
 GPU_KINDS = {"h100": ("H100", "h100"), "h200": ("H200", "h200"), "a100": ("A100", "a100")}
@@ -42,14 +43,15 @@ class Hardware:
 
 def hardware(ns: argparse.Namespace) -> Hardware:
     """The Hardware of --accelerator-type [--num-slices] or --gpus --gpu."""
-    from qtransformers.planner import DEVICE_MEMORY_BYTES, DEVICE_PEAK_FLOPS
+    from qtransformers.hardware import DEVICE_MEMORY_BYTES, peak_flops_per_device
     if ns.accelerator_type:
         tpu = common.parse_tpu_type(ns.accelerator_type)
         peak_key, memory_key = TPU_KINDS.get(tpu.generation, (None, None))
         return Hardware(common.describe_slice(tpu, ns.num_slices), tpu.devices * ns.num_slices,
-                        DEVICE_PEAK_FLOPS.get(peak_key), DEVICE_MEMORY_BYTES.get(memory_key))
+                        peak_key and peak_flops_per_device(peak_key),
+                        DEVICE_MEMORY_BYTES.get(memory_key))
     peak_key, memory_key = GPU_KINDS[ns.gpu]
-    return Hardware(f"{ns.gpus} x {ns.gpu.upper()}", ns.gpus, DEVICE_PEAK_FLOPS[peak_key],
+    return Hardware(f"{ns.gpus} x {ns.gpu.upper()}", ns.gpus, peak_flops_per_device(peak_key),
                     DEVICE_MEMORY_BYTES[memory_key])
 
 

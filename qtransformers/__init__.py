@@ -2,15 +2,47 @@
 
 Implements Bondarenko, Nagel, Blankevoort (NeurIPS 2023), "Quantizable Transformers: Removing
 Outliers by Helping Attention Heads Do Nothing": clipped softmax and gated attention.
+
+The names below load their subpackage on first use (PEP 562), so `import qtransformers.ops`
+brings in the pure math alone, not the models, PTQ or evaluation.
 """
-from qtransformers.models import (BertForMaskedLM, ModelConfig, OptForCausalLM,
-                                  VitForImageClassification, build_model, get_model_config)
-from qtransformers.convert import config_from_hf, load_hf, params_from_hf_state_dict
-from qtransformers.nn import Attention, AttentionGate, NnxAttention, QuantPoint
-from qtransformers.ops import (attention_fn, blocked_attention, clipped_softmax, gamma_from_alpha,
-                               sink_softmax, softmax1, softpick)
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-from qtransformers.evaluate import collect_outlier_metrics, outlier_eval_fn
-from qtransformers.quant import (QuantConfig, calibrate, evaluate_ptq, get_preset, make_eval_fn,
-                                 make_quantized_eval_fn, quantize_params)
+
+# name -> the module that defines it
+_EXPORTS = {
+    **dict.fromkeys(("BertForMaskedLM", "ModelConfig", "OptForCausalLM",
+                     "VitForImageClassification", "build_model", "get_model_config"),
+                    "qtransformers.models"),
+    **dict.fromkeys(("config_from_hf", "load_hf", "params_from_hf_state_dict"),
+                    "qtransformers.convert"),
+    **dict.fromkeys(("Attention", "AttentionGate", "AttentionSpec", "NnxAttention",
+                     "QuantPoint"), "qtransformers.nn"),
+    **dict.fromkeys(("attention_fn", "blocked_attention", "clipped_softmax", "gamma_from_alpha",
+                     "sink_softmax", "softmax1", "softpick"), "qtransformers.ops"),
+    **dict.fromkeys(("collect_outlier_metrics", "outlier_eval_fn"), "qtransformers.evaluate"),
+    **dict.fromkeys(("QuantConfig", "calibrate", "evaluate_ptq", "get_preset", "make_eval_fn",
+                     "make_quantized_eval_fn", "quantize_params"), "qtransformers.quant"),
+}
+_SUBPACKAGES = ("cli", "commandline", "convert", "data", "evaluate", "fileio", "models", "nn",
+                "ops", "planner", "quant", "reproduce", "train")
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if name in _SUBPACKAGES:  # `qt.convert.load_encoder(...)` without importing it first
+        return importlib.import_module(f"qtransformers.{name}")
+    raise AttributeError(f"module 'qtransformers' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))

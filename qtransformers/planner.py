@@ -6,90 +6,19 @@ Counts are analytic (no tracing), so a plan for OPT-1.3B on a v5e-64 prints in m
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Mapping
 
+from qtransformers.hardware import (DEVICE_MEMORY_BYTES, PEAK_BF16_FLOPS, fill_mesh_axes,
+                                    peak_flops_per_device)
 from qtransformers.models.config import ModelConfig
-from qtransformers.ops.gates import gate_param_count
+from qtransformers.models.counts import (activation_elements_per_token, count_params,
+                                         embedding_param_count, flops_per_token,
+                                         layer_param_count)
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-# Peak dense bf16 FLOP/s per device (for MFU); keys are substrings of jax's device_kind.
-DEVICE_PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12,
-    "H200": 989e12, "A100": 312e12,
-}
-DEVICE_MEMORY_BYTES = {
-    "v4": 32e9, "v5litepod": 16e9, "v5e": 16e9, "v5p": 95e9, "v6e": 32e9,
-    "h100": 80e9, "h200": 141e9, "a100": 80e9,
-}
-
-
-def layer_param_count(cfg: ModelConfig) -> int:
-    """Parameters of one TransformerBlock: attention (+ gate), MLP, two LayerNorms."""
-    d, d_ff = cfg.d_model, cfg.d_ff
-    attention = 4 * (d * d + d) + gate_param_count(cfg.gate, d, cfg.num_heads, cfg.gate_hidden)
-    return attention + (d * d_ff + d_ff) + (d_ff * d + d) + 2 * 2 * d
-
-
-def embedding_param_count(cfg: ModelConfig) -> int:
-    """Parameters outside the blocks: embeddings, heads, final LayerNorms."""
-    d = cfg.d_model
-    if cfg.family == "bert":
-        head = d * d + d + 2 * d + cfg.vocab_size
-        return (cfg.vocab_size + cfg.max_len + cfg.type_vocab_size) * d + 2 * d + head
-    if cfg.family == "opt":
-        embed_dim = cfg.word_embed_proj_dim or d
-        projections = 2 * embed_dim * d if embed_dim != d else 0
-        return (cfg.vocab_size * embed_dim + (cfg.max_len + 2) * d + projections
-                + (2 * d if cfg.final_ln else 0))
-    patch = cfg.patch_size ** 2 * cfg.num_channels * d + d
-    return (patch + (2 * d if cfg.patch_ln else 0) + d + (cfg.num_patches + 1) * d + 2 * d
-            + d * cfg.num_classes + cfg.num_classes)
-
-
-def count_params(cfg: ModelConfig) -> int:
-    """Total parameters of the model `build_model(cfg)` builds (equals its init)."""
-    return embedding_param_count(cfg) + cfg.num_layers * layer_param_count(cfg)
-
-
-def sequence_length(cfg: ModelConfig, seq_len: int | None) -> int:
-    return cfg.num_patches + 1 if cfg.family == "vit" else int(seq_len or cfg.max_len)
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
-    """Training FLOPs per token: 6 x matmul params + attention's 12 x L x T x d (fwd + bwd)."""
-    t = sequence_length(cfg, seq_len)
-    matmul = cfg.num_layers * (layer_param_count(cfg) - 4 * cfg.d_model)
-    if cfg.family in ("bert", "opt"):
-        matmul += cfg.vocab_size * (cfg.word_embed_proj_dim or cfg.d_model)  # tied output head
-    return 6.0 * matmul + 12.0 * cfg.num_layers * t * cfg.d_model
-
-
-def activation_elements_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Elements autodiff keeps per token for the backward pass (no remat).
-
-    Per layer: LayerNorm in/out (4d), Q/K/V (3d), scores and probabilities (2 H T; blocked or
-    fused attention: the output, R and two row statistics, 2d + 2H, instead), context and
-    attention output (2d), residuals (2d), FFN pre- and post-activation (2 d_ff), FFN output (d),
-    plus dropout masks where dropout is on. Output head: logits, softmax, gradient (3 V).
-    """
-    d, h = cfg.d_model, cfg.num_heads
-    per_layer = 12 * d + 2 * cfg.d_ff
-    if cfg.attention_impl == "materialized":
-        per_layer += 2 * h * seq_len
-        if cfg.attention_dropout_rate > 0:
-            per_layer += h * seq_len
-    else:  # blocked / fused keep the output, its row statistics and (clipped) R instead
-        per_layer += 2 * d + 2 * h
-    if cfg.dropout_rate > 0:
-        per_layer += 2 * d
-    if cfg.remat:
-        per_layer = d  # only each block's input survives
-    # logits, their softmax and the logits gradient are alive together at the peak.
-    head = 3 * cfg.vocab_size if cfg.family in ("bert", "opt") else 0
-    return cfg.num_layers * per_layer + head + 4 * d
+__all__ = ["BYTES", "DEVICE_MEMORY_BYTES", "PEAK_BF16_FLOPS", "Plan",
+           "activation_elements_per_token", "check_fits", "count_params", "embedding_param_count", "flops_per_token",
+           "layer_param_count", "peak_flops_per_device", "plan_training", "resolve_mesh"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,21 +58,8 @@ class Plan:
 
 
 def resolve_mesh(mesh_shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
-    """Fills one -1 axis so the mesh uses all devices; ValueError when it cannot divide them."""
-    shape = {k: int(v) for k, v in mesh_shape.items()}
-    free = [k for k, v in shape.items() if v == -1]
-    if len(free) > 1:
-        raise ValueError(f"mesh {shape}: at most one axis may be -1.")
-    fixed = math.prod(v for v in shape.values() if v != -1)
-    if free:
-        if num_devices % fixed:
-            raise ValueError(f"mesh {shape} does not divide {num_devices} devices: the fixed axes "
-                             f"multiply to {fixed}.")
-        shape[free[0]] = num_devices // fixed
-    if math.prod(shape.values()) != num_devices:
-        raise ValueError(f"mesh {shape} has {math.prod(shape.values())} devices but "
-                         f"{num_devices} are available; make the axes multiply to {num_devices}.")
-    return shape
+    """Fills one -1 axis so the mesh uses all devices (`hardware.fill_mesh_axes`)."""
+    return fill_mesh_axes(mesh_shape, num_devices)
 
 
 def plan_training(cfg: ModelConfig, *, global_batch_size: int, num_devices: int,
@@ -167,7 +83,7 @@ def plan_training(cfg: ModelConfig, *, global_batch_size: int, num_devices: int,
     if global_batch_size % (data_parallel * grad_accum_steps):
         raise ValueError(f"global_batch_size={global_batch_size} is not divisible by data "
                          f"parallelism {data_parallel} x grad_accum_steps {grad_accum_steps}.")
-    t = sequence_length(cfg, seq_len)
+    t = cfg.sequence_length(seq_len)
     n = count_params(cfg)
     micro_batch = global_batch_size // data_parallel // grad_accum_steps
     act_bytes = BYTES[cfg.dtype]
@@ -189,11 +105,3 @@ def check_fits(plan: Plan, device_memory_bytes: float, headroom: float = 0.9) ->
             f"{device_memory_bytes / 1024**3:.1f} GiB ({headroom:.0%} usable): shard more "
             "(mesh fsdp / tensor), lower the per-device batch, use grad_accum_steps, "
             "bfloat16 activations (train.compute_dtype) or remat (model.remat=True).")
-
-
-def peak_flops_for(device_kind: str) -> float | None:
-    """Peak bf16 FLOP/s of a jax device_kind string, or None when unknown (e.g. CPU)."""
-    for key, value in DEVICE_PEAK_FLOPS.items():
-        if key.lower() in device_kind.lower():
-            return value
-    return None

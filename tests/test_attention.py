@@ -8,15 +8,20 @@ import pytest
 from flax import nnx
 from flax.linen import meta
 
-from qtransformers import Attention, attention_fn
+from qtransformers import Attention, AttentionSpec, attention_fn
 from qtransformers.ops import gates as gate_ops
 from qtransformers.ops.gates import GATE_VARIANTS
 
 B, T, D_MODEL, H = 2, 6, 32, 4
 X = jax.random.normal(jax.random.PRNGKey(0), (B, T, D_MODEL))
 PADDING = jnp.array([[1] * T, [1] * (T - 2) + [0, 0]], dtype=bool)
-METHODS = [("vanilla", {}), ("clipped", dict(gamma=-0.05)), ("clipped", dict(alpha=2.0)),
-           ("softmax1", {})]
+METHODS = [("vanilla", {}), ("clipped", dict(gamma=-0.05)),
+           ("clipped", dict(alpha=2.0, alpha_seq_len=T)), ("softmax1", {})]
+
+
+def make_attention(num_heads=H, causal=False, **spec_fields):
+    """Attention with an AttentionSpec of `spec_fields`."""
+    return Attention(num_heads=num_heads, spec=AttentionSpec(**spec_fields), causal=causal)
 
 
 def full_mask():
@@ -26,7 +31,7 @@ def full_mask():
 
 @pytest.mark.parametrize("softmax,kw", METHODS)
 def test_attention_fn_in_stock_flax_equals_our_module(softmax, kw):
-    ours = Attention(num_heads=H, softmax=softmax, causal=True, **kw)
+    ours = make_attention(softmax=softmax, causal=True, **kw)
     variables = ours.init(jax.random.PRNGKey(1), X, PADDING)
     expected = ours.apply(variables, X, PADDING)
     stock = nn.MultiHeadDotProductAttention(num_heads=H, attention_fn=attention_fn(softmax, **kw))
@@ -37,7 +42,7 @@ def test_attention_fn_in_stock_flax_equals_our_module(softmax, kw):
 
 def test_attention_fn_in_nnx_multihead_attention():
     kw = dict(gamma=-0.05)
-    ours = Attention(num_heads=H, softmax="clipped", **kw)
+    ours = make_attention(softmax="clipped", **kw)
     variables = ours.init(jax.random.PRNGKey(1), X)
     params = meta.unbox(variables["params"])
     stock = nnx.MultiHeadAttention(H, D_MODEL, decode=False, rngs=nnx.Rngs(0),
@@ -51,7 +56,7 @@ def test_attention_fn_in_nnx_multihead_attention():
 def test_clipped_attention_differs_from_vanilla_and_output_shape():
     out = {}
     for softmax, kw in METHODS[:2]:
-        module = Attention(num_heads=H, softmax=softmax, **kw)
+        module = make_attention(softmax=softmax, **kw)
         out[softmax] = module.apply(module.init(jax.random.PRNGKey(1), X), X)
     chex.assert_shape(out["clipped"], (B, T, D_MODEL))
     assert float(jnp.abs(out["clipped"] - out["vanilla"]).max()) > 1e-4
@@ -60,7 +65,7 @@ def test_clipped_attention_differs_from_vanilla_and_output_shape():
 @pytest.mark.parametrize("gate", [g for g in GATE_VARIANTS if g != "none"])
 @pytest.mark.parametrize("pi_init", [0.25, 0.5, 0.9])
 def test_gate_init_equals_pi_init(gate, pi_init):
-    module = Attention(num_heads=H, gate=gate, gate_init=pi_init)
+    module = make_attention(gate=gate, gate_init=pi_init)
     variables = module.init(jax.random.PRNGKey(2), X)
     gate_params = meta.unbox(variables["params"])["gate"]
     bias = {"linear": lambda p: p["bias"], "mlp": lambda p: p["out_bias"],
@@ -72,7 +77,7 @@ def test_gate_init_equals_pi_init(gate, pi_init):
 
 
 def test_linear_gate_reads_only_its_own_chunk():
-    module = Attention(num_heads=H, gate="linear")
+    module = make_attention(gate="linear")
     variables = module.init(jax.random.PRNGKey(3), X)
     gate_fn = lambda x: module.apply(variables, x, mutable=["intermediates"])[1][
         "intermediates"]["gate_values"][0]
@@ -86,7 +91,7 @@ def test_linear_gate_reads_only_its_own_chunk():
 @pytest.mark.parametrize("gate", ["linear", "mlp", "all_heads_linear", "unconditional",
                                   "headwise", "elementwise"])
 def test_gate_forced_closed_gives_output_bias(gate):
-    module = Attention(num_heads=H, gate=gate)
+    module = make_attention(gate=gate)
     variables = meta.unbox(module.init(jax.random.PRNGKey(4), X))
     params = jax.tree_util.tree_map_with_path(
         lambda path, v: jnp.full_like(v, -1e4) if "gate" in jax.tree_util.keystr(path) and
@@ -100,7 +105,7 @@ def test_gate_forced_closed_gives_output_bias(gate):
 
 @pytest.mark.parametrize("gate", GATE_VARIANTS)
 def test_gate_parameter_counts_match_table4(gate):
-    module = Attention(num_heads=H, gate=gate, gate_hidden=None)
+    module = make_attention(gate=gate, gate_hidden=None)
     variables = module.init(jax.random.PRNGKey(5), X)
     params = meta.unbox(variables["params"])
     count = sum(v.size for v in jax.tree.leaves(params.get("gate", {})))
@@ -115,7 +120,7 @@ def test_gate_parameter_counts_match_table4(gate):
 @pytest.mark.parametrize("gate", GATE_VARIANTS)
 @pytest.mark.parametrize("softmax,kw", METHODS)
 def test_causal_attention_never_sees_the_future(gate, softmax, kw):
-    module = Attention(num_heads=H, softmax=softmax, gate=gate, causal=True, **kw)
+    module = make_attention(softmax=softmax, gate=gate, causal=True, **kw)
     variables = module.init(jax.random.PRNGKey(6), X)
     apply = jax.jit(module.apply)
     base = apply(variables, X)
@@ -127,16 +132,16 @@ def test_causal_attention_never_sees_the_future(gate, softmax, kw):
 
 
 def test_fused_path_equals_reference_path():
-    ref = Attention(num_heads=H, causal=True, gate="linear")
+    ref = make_attention(causal=True, gate="linear")
     variables = ref.init(jax.random.PRNGKey(7), X, PADDING)
-    fused = Attention(num_heads=H, causal=True, gate="linear", attention_impl="fused")
+    fused = make_attention(causal=True, gate="linear", attention_impl="fused")
     valid = np.asarray(PADDING)
     np.testing.assert_allclose(np.asarray(fused.apply(variables, X, PADDING))[valid],
                                np.asarray(ref.apply(variables, X, PADDING))[valid], atol=1e-5)
 
 
 def test_dropout_needs_rng_and_changes_output():
-    module = Attention(num_heads=H, dropout_rate=0.5)
+    module = make_attention(attention_dropout_rate=0.5)
     variables = module.init(jax.random.PRNGKey(8), X)
     det = module.apply(variables, X)
     drop = module.apply(variables, X, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
@@ -150,9 +155,11 @@ def test_dropout_needs_rng_and_changes_output():
     (dict(softmax="clipped", gamma=0.1), "gamma"), (dict(softmax="clipped", zeta=0.5), "zeta"),
     (dict(gate="linear", gate_init=1.0), "gate_init"), (dict(num_heads=5), "divisible"),
     (dict(attention_impl="fused", softmax="clipped", gamma=-0.1), "blocked"),
-    (dict(fused=True), "attention_impl='fused'"), (dict(attention_impl="flash"), "attention_impl")])
+    (dict(softmax="clipped", alpha=4.0), "alpha_seq_len"),
+    (dict(attention_impl="fused", attention_dropout_rate=0.1), "attention_dropout_rate=0"),
+    (dict(attention_impl="flash"), "attention_impl")])
 def test_bad_attention_settings(kwargs, message):
     fields = dict(num_heads=H)
     fields.update(kwargs)
     with pytest.raises(ValueError, match=message):
-        Attention(**fields).init(jax.random.PRNGKey(0), X)
+        make_attention(**fields).init(jax.random.PRNGKey(0), X)

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 from flax.linen import meta
 
-from qtransformers import Attention, ModelConfig, build_model, get_model_config
+from qtransformers import Attention, AttentionSpec, ModelConfig, build_model, get_model_config
 from qtransformers.nn.nnx_attention import NnxAttention, nnx_attention_from_linen
 from qtransformers.nn.quant_point import QSTATS, QuantContext, quant_context
 from qtransformers.ops.softmax import sink_softmax, softmax1, softpick
@@ -45,6 +45,11 @@ def test_sink_softmax_and_softpick_match_numpy():
     assert np.all(masked[..., ~keep] == 0.0)
 
 
+def make_attention(num_heads=H, causal=False, **spec_fields):
+    """Attention with an AttentionSpec of `spec_fields`."""
+    return Attention(num_heads=num_heads, spec=AttentionSpec(**spec_fields), causal=causal)
+
+
 def init_and_apply(module, x=X, **kw):
     variables = module.init(jax.random.PRNGKey(1), x, PADDING)
     return variables, jax.jit(lambda v, x: module.apply(v, x, PADDING, **kw))
@@ -52,12 +57,12 @@ def init_and_apply(module, x=X, **kw):
 
 @pytest.mark.parametrize("softmax,gate", [("clipped", "linear"), ("sink", "elementwise")])
 def test_blocked_module_equals_materialized_with_gate_and_dropout(softmax, gate):
-    fields = dict(num_heads=H, softmax=softmax, gamma=-0.1, gate=gate, causal=True,
-                  dropout_rate=0.2)
+    fields = dict(softmax=softmax, gamma=-0.1, gate=gate, causal=True,
+                  attention_dropout_rate=0.2)
     rngs = {"dropout": jax.random.PRNGKey(5)}
-    ref = Attention(**fields)
+    ref = make_attention(**fields)
     variables = ref.init(jax.random.PRNGKey(1), X, PADDING)
-    blocked = Attention(**fields, attention_impl="blocked", block_size=8)
+    blocked = make_attention(**fields, attention_impl="blocked", attention_block_size=8)
 
     def loss(module, params):
         out = module.apply({"params": params}, X, PADDING, deterministic=False, rngs=rngs)
@@ -76,19 +81,20 @@ def test_blocked_module_equals_materialized_with_gate_and_dropout(softmax, gate)
 
 
 def test_nnx_blocked_equals_linen_materialized_sink():
-    linen = Attention(num_heads=H, softmax="sink", causal=True)
+    linen = make_attention(softmax="sink", causal=True)
     variables = linen.init(jax.random.PRNGKey(1), X, PADDING)
     params = meta.unbox(variables["params"])
     params["sink"] = jnp.array([1.0, -0.5])
     want = linen.apply({"params": params}, X, PADDING)
-    ours = NnxAttention(D_MODEL, H, softmax="sink", causal=True, attention_impl="blocked",
-                        block_size=8, rngs=nnx.Rngs(0))
+    ours = NnxAttention(D_MODEL, H, AttentionSpec(softmax="sink", attention_impl="blocked",
+                                                  attention_block_size=8),
+                        causal=True, rngs=nnx.Rngs(0))
     nnx_attention_from_linen(ours, params)
     np.testing.assert_allclose(ours(X, PADDING), want, atol=1e-5)
 
 
 def test_blocked_refuses_to_calibrate_attention_probs():
-    module = Attention(num_heads=H, softmax="clipped", gamma=-0.1, attention_impl="blocked")
+    module = make_attention(softmax="clipped", gamma=-0.1, attention_impl="blocked")
     variables = module.init(jax.random.PRNGKey(1), X, PADDING)
     calibrate = lambda m: jax.jit(lambda v: m.apply(v, X, PADDING, mutable=[QSTATS]))(variables)
     with pytest.raises(ValueError, match="attention_impl='materialized'"):
@@ -100,7 +106,7 @@ def test_blocked_refuses_to_calibrate_attention_probs():
 
     with pytest.raises(ValueError, match=r"\['scores', 'probs'\]"):
         jax.jit(per_token)(variables)
-    _, stats = calibrate(Attention(num_heads=H, softmax="clipped", gamma=-0.1))
+    _, stats = calibrate(make_attention(softmax="clipped", gamma=-0.1))
     assert {"scores", "probs"} <= set(stats[QSTATS])
 
 

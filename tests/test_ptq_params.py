@@ -7,7 +7,8 @@ import pytest
 
 from qtransformers import build_model, get_model_config
 from qtransformers.quant import QuantConfig, quantize_params, quantized_param_paths
-from qtransformers.quant.params import channel_axes, path_to_str
+from qtransformers.pytree import path_to_str
+from qtransformers.quant.params import channel_axes
 
 
 @pytest.fixture(scope="module")

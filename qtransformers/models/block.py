@@ -11,19 +11,6 @@ from qtransformers.nn.partitioning import ACT_BATCH, ACT_EMBED, ACT_LENGTH, cons
 from qtransformers.nn.quant_point import QuantPoint
 
 
-def attention_from_config(config: ModelConfig, causal: bool, name: str = "attention") -> Attention:
-    """Builds `Attention` with the method fields of a ModelConfig."""
-    return Attention(
-        num_heads=config.num_heads, softmax=config.softmax, gamma=config.gamma, zeta=config.zeta,
-        alpha=config.alpha, alpha_seq_len=config.alpha_seq_len or config.max_len, causal=causal,
-        dropout_rate=config.attention_dropout_rate, gate=config.gate, gate_init=config.gate_init,
-        gate_hidden=config.gate_hidden, gate_scale=config.gate_scale,
-        context_quant=config.context_quant, attention_impl=config.attention_impl,
-        block_size=config.attention_block_size,
-        kernel_init=nn.initializers.normal(config.init_std), dtype=config.compute_dtype,
-        name=name)
-
-
 class TransformerBlock(nn.Module):
     """Attention + MLP with residuals; LayerNorm before (pre_ln) or after (post_ln) each.
 
@@ -39,7 +26,9 @@ class TransformerBlock(nn.Module):
     def __call__(self, x: jax.Array, padding_mask: jax.Array | None = None,
                  deterministic: bool = True) -> jax.Array:
         cfg = self.config
-        attention = attention_from_config(cfg, self.causal)
+        attention = Attention(cfg.num_heads, cfg.attention, self.causal,
+                              kernel_init=nn.initializers.normal(cfg.init_std),
+                              dtype=cfg.compute_dtype, name="attention")
         mlp = MLP(cfg.d_ff, cfg.activation, nn.initializers.normal(cfg.init_std),
                   cfg.compute_dtype, name="mlp")
         attention_ln = LayerNormQ(cfg.ln_eps, cfg.compute_dtype, name="attention_ln")

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from qtransformers.nn.attention import validate_attention_fields
+from qtransformers.nn.attention_spec import ATTENTION_FIELDS, AttentionSpec
 from qtransformers.nn.layers import ACTIVATIONS
 
 MODEL_FAMILIES = ("bert", "opt", "vit")
@@ -14,19 +15,33 @@ POOLINGS = ("mean", "cls", "max")  # sentence-encoder pooling of the last hidden
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+
+
+def sequence_length_of(family: str, max_len: int, num_patches: int,
+                       seq_len: int | None = None) -> int:
+    """Tokens per sequence the model runs at: num_patches + 1 for ViT (fixed by the image), else
+    `seq_len` (the trainer's data.seq_len) or, without one, max_len (the longest it takes).
+
+    It is also T of γ = −α / T when a config sets α but not alpha_seq_len (`from_dict`): the
+    one place that T is chosen. A run's recorded config holds the T it trained with.
+    """
+    if family == "vit":
+        return num_patches + 1
+    return int(seq_len or max_len)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture and attention method. Defaults are BERT-base (paper.md §6).
 
-    Attention method fields (paper.md §2-3): softmax ("vanilla" | "clipped" | "softmax1" |
-    "sink" (gpt-oss learned sink logit per head) | "softpick"),
-    gamma (<= 0), zeta (>= 1), alpha (γ = −α / alpha_seq_len, default max_len), gate (see
-    `ops.gates.GATE_VARIANTS`), gate_init (π_init in (0, 1)), gate_hidden (MLP gate width),
-    gate_scale (1/π_init for fine-tuning mode), context_quant ("after_gate" | "before_gate").
+    `attention` is the attention method as one value (`nn.AttentionSpec`: softmax variant,
+    γ / ζ or α with T, gate, π_init, gate width and scale, context QuantPoint site,
+    implementation, block size, attention dropout), given whole to every `Attention`.
 
-    attention_impl ("materialized" | "blocked" | "fused") picks how attention is computed
-    (numerically the same; see `nn.Attention` and docs/scaling.md); attention_block_size is
-    the blocked path's tile. The old `fused_attention=True` still loads as attention_impl="fused".
+    The config layer stays flat: `from_dict` / `replace` take the spec's fields as top-level
+    keys (`softmax`, `gamma`, `alpha`, `alpha_seq_len`, `gate`, `gate_scale`, ...; the old
+    `fused_attention=True` as attention_impl="fused"), `to_dict` writes them flat (the layout
+    of a run's config.json), and reading `config.gate` etc. still answers from the spec.
     """
 
     family: str = "bert"
@@ -42,7 +57,6 @@ class ModelConfig:
     ln_eps: float = 1e-12
     final_ln: bool = False
     dropout_rate: float = 0.1
-    attention_dropout_rate: float = 0.1
     init_std: float = 0.02
     word_embed_proj_dim: int | None = None  # OPT-350m: 512-wide embeddings projected in/out
     pad_token_id: int = 1  # OPT's padding id (positions skip padding)
@@ -52,19 +66,7 @@ class ModelConfig:
     num_channels: int = 3
     num_classes: int = 1000
     patch_ln: bool = False
-    # Attention method
-    softmax: str = "vanilla"
-    gamma: float = 0.0
-    zeta: float = 1.0
-    alpha: float | None = None
-    alpha_seq_len: int | None = None
-    gate: str = "none"
-    gate_init: float = 0.5
-    gate_hidden: int | None = None
-    gate_scale: float = 1.0
-    context_quant: str = "after_gate"
-    attention_impl: str = "materialized"
-    attention_block_size: int = 256
+    attention: AttentionSpec = AttentionSpec(attention_dropout_rate=0.1)
     # Numerics
     dtype: str = "float32"
     remat: bool = False
@@ -88,12 +90,17 @@ class ModelConfig:
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
-    @property
-    def resolved_gamma(self) -> float:
-        """γ after resolving α against the configured sequence length."""
-        if self.alpha is None:
-            return self.gamma
-        return -self.alpha / float(self.alpha_seq_len or self.max_len)
+    def sequence_length(self, seq_len: int | None = None) -> int:
+        """Tokens per sequence at a data seq_len (see `sequence_length_of`)."""
+        return sequence_length_of(self.family, self.max_len, self.num_patches, seq_len)
+
+    def __getattr__(self, name: str) -> Any:
+        # Old flat reads (config.softmax, config.gate, config.resolved_gamma, ...) answer from
+        # the spec. Only called for names the dataclass lacks.
+        spec = self.__dict__.get("attention")
+        if spec is not None and (name in ATTENTION_FIELDS or name == "resolved_gamma"):
+            return getattr(spec, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def validate(self) -> None:
         """Raises ValueError naming the first bad field and its allowed values."""
@@ -115,38 +122,72 @@ class ModelConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype={self.dtype!r} is unknown; choose one of "
                              f"{tuple(DTYPES)}.")
-        for name in ("dropout_rate", "attention_dropout_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"model.{name}={getattr(self, name)!r} must lie in [0, 1).")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"model.dropout_rate={self.dropout_rate!r} must lie in [0, 1).")
+        if not isinstance(self.attention, AttentionSpec):
+            raise ValueError(f"model.attention={self.attention!r} must be an AttentionSpec.")
         if self.family == "vit" and self.image_size % self.patch_size:
             raise ValueError(f"model.image_size={self.image_size} is not divisible by "
                              f"model.patch_size={self.patch_size}.")
-        try:
-            validate_attention_fields(self.num_heads, self.softmax, self.gamma, self.zeta,
-                                      self.alpha, self.gate, self.gate_init, self.context_quant,
-                                      self.attention_impl, self.attention_block_size)
-        except ValueError as err:
-            raise ValueError(f"model.{err}") from None
-        if self.attention_impl == "fused" and self.attention_dropout_rate > 0:
-            raise ValueError("model.attention_impl='fused' has no attention dropout; set "
-                             "model.attention_dropout_rate=0 or use attention_impl='blocked'.")
 
     def replace(self, **overrides: Any) -> "ModelConfig":
-        """A copy with some fields changed (validated)."""
-        return self.from_dict({**dataclasses.asdict(self), **overrides})
+        """A validated copy with some fields changed: model fields, flat attention keys
+        (`gate="linear"`, `alpha=4.0`, ...) or a whole `attention=AttentionSpec(...)`."""
+        values = dataclasses.asdict(self)  # nested: {"attention": {...}}
+        values.pop("attention")
+        attention = overrides.pop("attention", self.attention)
+        return self.from_dict({**values, "attention": attention, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, the attention spec's flat in its place (the layout config.json records)."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out.update(value.to_dict() if field.name == "attention" else {field.name: value})
+        return out
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
-        """Builds from a dict / ConfigDict; unknown keys raise a ValueError listing them."""
+    def flat_field_types(cls) -> dict[str, Any]:
+        """{key: type hint} of every flat config key, in `to_dict` order."""
+        hints = {**typing.get_type_hints(AttentionSpec), **typing.get_type_hints(cls)}
+        names = [n for f in dataclasses.fields(cls)
+                 for n in (ATTENTION_FIELDS if f.name == "attention" else (f.name,))]
+        return {name: hints[name] for name in names}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any],
+                  trained_seq_len: int | None = None) -> "ModelConfig":
+        """Builds from a flat dict / ConfigDict (config.json's layout; `attention` may also
+        be given as an AttentionSpec or mapping, its fields then overridden by flat keys).
+
+        trained_seq_len: the sequence length the model will train at; it becomes T of
+          γ = −α / T when α is set and alpha_seq_len is not (see `sequence_length_of`).
+        Unknown keys raise a ValueError listing the known ones.
+        """
         values = dict(values)
         if "fused_attention" in values:  # the field attention_impl replaced (old run configs)
             if values.pop("fused_attention"):
                 values["attention_impl"] = "fused"
+        attention = values.pop("attention", None)
+        if isinstance(attention, AttentionSpec):
+            attention = attention.to_dict()
+        attention = dict(attention or _DEFAULTS["attention"].to_dict())
+        attention.update({k: values.pop(k) for k in ATTENTION_FIELDS if k in values})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}.")
-        return cls(**values)
+            raise ValueError(f"unknown model config keys {unknown}; known keys: "
+                             f"{sorted(known | set(ATTENTION_FIELDS))}.")
+        if attention.get("alpha") is not None and attention.get("alpha_seq_len") is None:
+            shape = {**_DEFAULTS, **values}
+            attention["alpha_seq_len"] = sequence_length_of(
+                shape["family"], shape["max_len"],
+                (shape["image_size"] // shape["patch_size"]) ** 2, trained_seq_len)
+        try:
+            spec = AttentionSpec.from_dict(attention)
+        except ValueError as err:
+            raise ValueError(f"model.{err}") from None
+        return cls(**values, attention=spec)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}

@@ -38,7 +38,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 PAPER_METHODS: dict[str, dict[str, dict[str, Any]]] = {
     "bert": {"vanilla": {}, "clipped": dict(softmax="clipped", gamma=-0.025, zeta=1.0),
              "gated": dict(gate="mlp", gate_init=0.5)},
-    "opt": {"vanilla": {}, "clipped": dict(softmax="clipped", alpha=12.0, alpha_seq_len=512),
+    "opt": {"vanilla": {}, "clipped": dict(softmax="clipped", alpha=12.0),  # T = the trained length
             "gated": dict(gate="linear", gate_init=0.25)},
     "vit": {"vanilla": {}, "clipped": dict(softmax="clipped", gamma=-1e-4, patch_ln=True),
             "gated": dict(gate="linear", gate_init=0.5)},
@@ -58,15 +58,21 @@ def method_overrides(family: str, method: str) -> dict[str, Any]:
     return dict(methods[method])
 
 
-def get_model_config(preset: str, method: str = "vanilla", **overrides: Any) -> ModelConfig:
-    """A ModelConfig from a preset name, a paper method and field overrides."""
+def get_model_config(preset: str, method: str = "vanilla", trained_seq_len: int | None = None,
+                     **overrides: Any) -> ModelConfig:
+    """A ModelConfig from a preset name, a paper method and field overrides (flat keys).
+
+    trained_seq_len: the sequence length the model will train at, T of γ = −α / T when α is
+    set and alpha_seq_len is not (OPT's clipped method: α = 12, so γ = −12/512 at 512); None =
+    max_len (see `models.config.sequence_length_of`).
+    """
     if preset not in MODEL_PRESETS:
         raise ValueError(f"model preset {preset!r} is unknown; choose one of "
                          f"{tuple(MODEL_PRESETS)}.")
     values = dict(MODEL_PRESETS[preset])
     values.update(method_overrides(values.get("family", "bert"), method))
     values.update(overrides)
-    return ModelConfig.from_dict(values)
+    return ModelConfig.from_dict(values, trained_seq_len)
 
 
 def build_model(config: ModelConfig) -> nn.Module:

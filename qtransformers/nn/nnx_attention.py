@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qtransformers.nn.attention import validate_attention_fields
+from qtransformers.nn.attention_spec import AttentionSpec
 from qtransformers.ops import attention as attn_ops
 from qtransformers.ops import gates as gate_ops
 from qtransformers.ops.blocked_attention import blocked_attention
-from qtransformers.ops.fused_attention import fused_attention, fused_support_error
+from qtransformers.ops.fused_attention import fused_attention
 from qtransformers.ops.softmax import get_softmax_fn
 
 
@@ -64,72 +64,61 @@ class NnxAttentionGate(nnx.Module):
 class NnxAttention(nnx.Module):
     """Self-attention with the paper's softmax variants and gates (NNX API).
 
-    Same fields as `qtransformers.Attention` (see its docstring), given to the constructor.
+    Reads the same `AttentionSpec` as `qtransformers.Attention` (its context_quant has no
+    effect here: no QuantPoints).
     Call: x (B, T, d_model), padding_mask (B, T), attention_mask, deterministic
       -> (B, T, d_model).
     """
 
-    def __init__(self, d_model: int, num_heads: int, *, softmax: str = "vanilla",
-                 gamma: float = 0.0, zeta: float = 1.0, alpha: float | None = None,
-                 alpha_seq_len: int | None = None, causal: bool = False,
-                 dropout_rate: float = 0.0, gate: str = "none", gate_init: float = 0.5,
-                 gate_hidden: int | None = None, gate_scale: float = 1.0,
-                 attention_impl: str = "materialized", block_size: int = 256,
-                 kernel_init: Any = nnx.initializers.normal(0.02), rngs: nnx.Rngs):
-        validate_attention_fields(num_heads, softmax, gamma, zeta, alpha, gate, gate_init,
-                                  attention_impl=attention_impl, block_size=block_size)
-        if d_model % num_heads:
+    def __init__(self, d_model: int, num_heads: int, spec: AttentionSpec = AttentionSpec(), *,
+                 causal: bool = False, kernel_init: Any = nnx.initializers.normal(0.02),
+                 rngs: nnx.Rngs):
+        if num_heads <= 0 or d_model % num_heads:
             raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}.")
         self.num_heads, self.head_dim = num_heads, d_model // num_heads
-        self.softmax, self.gamma, self.zeta = softmax, gamma, zeta
-        self.alpha, self.alpha_seq_len, self.causal = alpha, alpha_seq_len, causal
-        self.dropout_rate, self.gate_scale = dropout_rate, gate_scale
-        self.attention_impl, self.block_size = attention_impl, block_size
-        self.sink = nnx.Param(jnp.zeros((num_heads,))) if softmax == "sink" else None
+        self.spec, self.causal = spec, causal
+        self.sink = nnx.Param(jnp.zeros((num_heads,))) if spec.softmax == "sink" else None
         heads = (num_heads, self.head_dim)
         for name in ("query", "key", "value"):
             setattr(self, name, nnx.LinearGeneral(d_model, heads, kernel_init=kernel_init,
                                                   rngs=rngs))
         self.out = nnx.LinearGeneral(heads, d_model, axis=(-2, -1), kernel_init=kernel_init,
                                      rngs=rngs)
-        self.gate = (None if gate == "none" else NnxAttentionGate(
-            gate, d_model, num_heads, gate_init, gate_hidden, kernel_init=kernel_init, rngs=rngs))
-        self.rngs = rngs.fork() if dropout_rate > 0 else None
+        self.gate = (NnxAttentionGate(spec.gate, d_model, num_heads, spec.gate_init,
+                                      spec.gate_hidden, kernel_init=kernel_init, rngs=rngs)
+                     if spec.has_gate else None)
+        self.rngs = rngs.fork() if spec.attention_dropout_rate > 0 else None
 
     def __call__(self, x: jax.Array, padding_mask: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
-        seq_len = x.shape[-2]
+        spec, seq_len = self.spec, x.shape[-2]
         query, key, value = self.query(x), self.key(x), self.value(x)
         padding = (None if padding_mask is None
                    else attn_ops.padding_to_attention_mask(padding_mask))
-        gamma = attn_ops.resolve_gamma(self.gamma, self.alpha, seq_len, self.alpha_seq_len)
         sink = None if self.sink is None else self.sink[...]
-        dropout = not deterministic and self.dropout_rate > 0
-        rng = self.rngs.dropout() if dropout else None
-        if self.attention_impl == "blocked":
+        dropout_rate = 0.0 if deterministic else spec.attention_dropout_rate
+        rng = self.rngs.dropout() if dropout_rate > 0 else None
+        if spec.attention_impl == "blocked":
             context = blocked_attention(
-                query, key, value, softmax=self.softmax, gamma=gamma, zeta=self.zeta, sink=sink,
-                key_mask=padding_mask, mask=attention_mask, causal=self.causal,
-                dropout_rate=self.dropout_rate if dropout else 0.0, dropout_rng=rng,
-                block_q=self.block_size, block_k=self.block_size)
-        elif self.attention_impl == "fused":
-            if fused_support_error(self.softmax, dropout):
-                raise ValueError(fused_support_error(self.softmax, dropout))
-            context = fused_attention(query, key, value, softmax=self.softmax, sink=sink,
+                query, key, value, softmax=spec.softmax, gamma=spec.resolved_gamma,
+                zeta=spec.zeta, sink=sink, key_mask=padding_mask, mask=attention_mask,
+                causal=self.causal, dropout_rate=dropout_rate, dropout_rng=rng,
+                block_q=spec.attention_block_size, block_k=spec.attention_block_size)
+        elif spec.attention_impl == "fused":  # the spec rules out dropout with "fused"
+            context = fused_attention(query, key, value, softmax=spec.softmax, sink=sink,
                                       causal=self.causal,
                                       mask=attn_ops.combine_masks(padding, attention_mask))
         else:
             mask = attn_ops.combine_masks(
                 padding, attention_mask, attn_ops.causal_mask(seq_len) if self.causal else None)
             scores = attn_ops.attention_scores(query, key)
-            probs = get_softmax_fn(self.softmax, gamma, self.zeta,
+            probs = get_softmax_fn(spec.softmax, spec.resolved_gamma, spec.zeta,
                                    None if sink is None else sink[:, None, None])(
                 scores, axis=-1, where=mask)
-            if dropout:
-                probs = attn_ops.positional_attention_dropout(probs, self.dropout_rate, rng)
+            probs = attn_ops.positional_attention_dropout(probs, dropout_rate, rng)
             context = attn_ops.attention_context(probs, value)
         if self.gate is not None:
-            context = gate_ops.apply_gate(context, self.gate(x), self.gate_scale)
+            context = gate_ops.apply_gate(context, self.gate(x), spec.gate_scale)
         return self.out(context)
 
 

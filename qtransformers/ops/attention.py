@@ -115,14 +115,6 @@ def positional_attention_dropout(probs: jax.Array, rate: float,
     return probs * (keep.astype(probs.dtype) / jnp.asarray(1.0 - rate, probs.dtype))
 
 
-def resolve_gamma(gamma: float, alpha: float | None, key_len: int,
-                  alpha_seq_len: int | None = None) -> float:
-    """γ itself, or −α / T when α is given (T = `alpha_seq_len`, else the key length)."""
-    if alpha is None:
-        return gamma
-    return gamma_from_alpha(alpha, alpha_seq_len or key_len)
-
-
 def attention_fn(softmax: str = "vanilla", gamma: float = 0.0, zeta: float = 1.0,
                  alpha: float | None = None, alpha_seq_len: int | None = None) -> Callable:
     """A drop-in for `flax.linen.dot_product_attention` with a chosen softmax variant.
@@ -133,13 +125,19 @@ def attention_fn(softmax: str = "vanilla", gamma: float = 0.0, zeta: float = 1.0
     Args:
       softmax: one of SOFTMAX_VARIANTS ("sink" here has its logit fixed at 0, i.e. softmax1).
       gamma, zeta: clipped-softmax stretch (γ <= 0, ζ >= 1).
-      alpha: if given, γ = −α / T with T = `alpha_seq_len` or the key length at call time.
+      alpha, alpha_seq_len: if alpha is given, γ = −α / T with T = alpha_seq_len (required: the
+        sequence length the model trains at, so γ stays fixed at any evaluation length).
     Returns:
       fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
          dropout_rate=0., deterministic=False, dtype=None, precision=None, module=None, **kw)
       with query (..., Tq, H, D), key/value (..., Tk, H, D) -> output (..., Tq, H, D).
     """
-    get_softmax_fn(softmax, gamma, zeta)  # validate eagerly, before any tracing
+    if alpha is not None:
+        if alpha_seq_len is None:
+            raise ValueError(f"alpha={alpha!r} needs alpha_seq_len, the sequence length T of "
+                             "gamma = -alpha / T (the length the model trains at).")
+        gamma = gamma_from_alpha(alpha, alpha_seq_len)
+    softmax_fn = get_softmax_fn(softmax, gamma, zeta)  # validates eagerly, before any tracing
 
     def fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
            dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
@@ -151,8 +149,7 @@ def attention_fn(softmax: str = "vanilla", gamma: float = 0.0, zeta: float = 1.0
             scores = scores + bias
         if is_causal:
             mask = combine_masks(mask, causal_mask(query.shape[-3], key.shape[-3]))
-        gamma_now = resolve_gamma(gamma, alpha, key.shape[-3], alpha_seq_len)
-        probs = get_softmax_fn(softmax, gamma_now, zeta)(scores, axis=-1, where=mask)
+        probs = softmax_fn(scores, axis=-1, where=mask)
         if module is not None:
             module.sow("intermediates", "attention_weights", probs)
         if not deterministic:

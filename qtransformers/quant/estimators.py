@@ -156,6 +156,7 @@ class CurrentMinMax:
     """Min / max of the most recent batch."""
 
     name: ClassVar[str] = "current_minmax"
+    stat_keys: ClassVar[tuple[str, str]] = ("min", "max")
 
     def init(self) -> MinMaxState:
         return MinMaxState(None, None, 0)
@@ -171,66 +172,64 @@ class CurrentMinMax:
         return _finalize_minmax(state, self.name)
 
 
-def _running(old: np.ndarray | None, new: np.ndarray, momentum: float) -> np.ndarray:
-    return new if old is None else (1.0 - momentum) * new + momentum * old
+def running_average(old: Any, new: Any, momentum: float) -> Any:
+    """momentum · old + (1 − momentum) · new: the running range of RunningMinMax and
+    Percentile, on the host (numpy) and in the calibration fold on device (jnp)."""
+    return momentum * old + (1.0 - momentum) * new
 
 
-@dataclasses.dataclass(frozen=True)
-class RunningMinMax:
-    """Exponential moving average of per-batch min and max; the first batch initialises."""
+class _RunningRange:
+    """A range kept as the running average of two per-batch statistics (`stat_keys`); the
+    first batch initialises it. Shared by RunningMinMax and Percentile."""
 
-    momentum: float = DEFAULT_MOMENTUM
-    name: ClassVar[str] = "running_minmax"
-
-    def __post_init__(self) -> None:
-        _check_momentum(self.momentum)
+    name: ClassVar[str]
+    stat_keys: ClassVar[tuple[str, str]]
+    momentum: float
 
     def init(self) -> MinMaxState:
         return MinMaxState(None, None, 0)
 
-    def batch_stats(self, x: jax.Array) -> dict[str, jax.Array]:
-        return batch_stats(x, self.name)
-
     def update(self, state: MinMaxState, stats: Mapping[str, Any]) -> MinMaxState:
-        lo, hi = _get(stats, "min", self.name), _get(stats, "max", self.name)
-        return MinMaxState(
-            _running(state.x_min, lo, self.momentum),
-            _running(state.x_max, hi, self.momentum),
-            state.count + 1,
-        )
+        lo, hi = (_get(stats, key, self.name) for key in self.stat_keys)
+        if state.x_min is None:
+            return MinMaxState(lo, hi, state.count + 1)
+        return MinMaxState(running_average(state.x_min, lo, self.momentum),
+                           running_average(state.x_max, hi, self.momentum), state.count + 1)
 
     def finalize(self, state: MinMaxState) -> tuple[np.ndarray, np.ndarray]:
         return _finalize_minmax(state, self.name)
 
 
 @dataclasses.dataclass(frozen=True)
-class Percentile:
+class RunningMinMax(_RunningRange):
+    """Exponential moving average of per-batch min and max; the first batch initialises."""
+
+    momentum: float = DEFAULT_MOMENTUM
+    name: ClassVar[str] = "running_minmax"
+    stat_keys: ClassVar[tuple[str, str]] = ("min", "max")
+
+    def __post_init__(self) -> None:
+        _check_momentum(self.momentum)
+
+    def batch_stats(self, x: jax.Array) -> dict[str, jax.Array]:
+        return batch_stats(x, self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Percentile(_RunningRange):
     """Running average (as RunningMinMax) of the per-batch (100-p)-th / p-th percentiles."""
 
     percentile: float = DEFAULT_PERCENTILE
     momentum: float = DEFAULT_MOMENTUM
     name: ClassVar[str] = "percentile"
+    stat_keys: ClassVar[tuple[str, str]] = ("low", "high")
 
     def __post_init__(self) -> None:
         check_percentile(self.percentile)
         _check_momentum(self.momentum)
 
-    def init(self) -> MinMaxState:
-        return MinMaxState(None, None, 0)
-
     def batch_stats(self, x: jax.Array) -> dict[str, jax.Array]:
         return batch_stats(x, self.name, percentile=self.percentile)
-
-    def update(self, state: MinMaxState, stats: Mapping[str, Any]) -> MinMaxState:
-        lo, hi = _get(stats, "low", self.name), _get(stats, "high", self.name)
-        return MinMaxState(
-            _running(state.x_min, lo, self.momentum),
-            _running(state.x_max, hi, self.momentum),
-            state.count + 1,
-        )
-
-    def finalize(self, state: MinMaxState) -> tuple[np.ndarray, np.ndarray]:
-        return _finalize_minmax(state, self.name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -102,13 +102,11 @@ class EstimatorObserver:
                                                     self.num_candidates, False)
             best = jnp.argmin(total)
             return cmin[best], cmax[best]
-        lo, hi = (stats["low"], stats["high"]) if self.name == "percentile" else (
-            stats["min"], stats["max"])
+        lo, hi = (stats[key] for key in self.estimator().stat_keys)
         if self.name == "current_minmax" or state is None:
             return lo, hi
-        m = self.momentum
-        return (jnp.where(seen, m * state["x_min"] + (1 - m) * lo, lo),
-                jnp.where(seen, m * state["x_max"] + (1 - m) * hi, hi))
+        return (jnp.where(seen, estimators.running_average(state["x_min"], lo, self.momentum), lo),
+                jnp.where(seen, estimators.running_average(state["x_max"], hi, self.momentum), hi))
 
 
 def _high_percentile(values: jax.Array, n: jax.Array, p: float, k: int) -> jax.Array:

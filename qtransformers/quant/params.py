@@ -38,6 +38,7 @@ from qtransformers.models.bert import TIED_HEAD_EMBEDDING as BERT_TIED_HEAD
 from qtransformers.models.opt import TIED_HEAD_EMBEDDING as OPT_TIED_HEAD
 from qtransformers.nn.quant_point import FP_HEAD_TABLE
 from qtransformers.ops import quant as quant_ops
+from qtransformers.pytree import path_to_str
 from qtransformers.quant.config import QuantConfig, param_is_quantized
 
 
@@ -46,19 +47,6 @@ TIED_HEAD_EMBEDDINGS = (BERT_TIED_HEAD, OPT_TIED_HEAD)
 WEIGHT_FIELDS = ("weight_bits", "weight_estimator", "num_candidates", "weight_granularity",
                  "include", "exclude", "head_patterns", "quantize_head", "head",
                  "unsigned_weights", "weight_mse_margin")
-
-
-def path_to_str(path: tuple[Any, ...]) -> str:
-    """'/'-joined names of a jax key path (DictKey / GetAttrKey / SequenceKey entries)."""
-    names = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                names.append(str(getattr(key, attr)))
-                break
-        else:
-            names.append(str(key))
-    return "/".join(names)
 
 
 def channel_axes(path: str, ndim: int) -> tuple[int, ...]:

@@ -6,7 +6,6 @@ work; `validate_for_devices` adds the checks that need the device and process co
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import types
 import typing
@@ -40,9 +39,8 @@ def model_section(preset: str, method: str = "vanilla") -> ml_collections.Config
     section = ml_collections.ConfigDict()
     section.preset = preset
     section.method = method
-    hints = typing.get_type_hints(ModelConfig)
-    for field in dataclasses.fields(ModelConfig):
-        section[field.name] = config_dict.placeholder(_field_type(hints[field.name]))
+    for name, hint in ModelConfig.flat_field_types().items():
+        section[name] = config_dict.placeholder(_field_type(hint))
     return section
 
 
@@ -123,7 +121,8 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
 
 
 def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The ModelConfig of config.model (preset + method + set fields) and train.compute_dtype."""
+    """The ModelConfig of config.model (preset + method + set fields) and train.compute_dtype;
+    with model.alpha set, T of γ = −α / T is data.seq_len unless model.alpha_seq_len is set."""
     section = config.model
     overrides = {k: v for k, v in section.items() if k not in ("preset", "method")
                  and v is not None}
@@ -136,7 +135,8 @@ def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
     if section.method not in PAPER_METHODS.get(family, {}):
         raise ValueError(f"model.method={section.method!r} is unknown; choose one of "
                          f"{tuple(PAPER_METHODS.get(family, {}))}.")
-    return get_model_config(section.preset, section.method, **overrides)
+    return get_model_config(section.preset, section.method,
+                            trained_seq_len=config.data.seq_len, **overrides)
 
 
 def _check_keys(section: Any, name: str, known: set[str]) -> None:

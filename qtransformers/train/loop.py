@@ -19,7 +19,7 @@ from qtransformers.train import outliers as outliers_lib
 from qtransformers.train.config import check_vocab, validate_config, validate_for_devices
 from qtransformers.train.objectives import finalize_metrics
 from qtransformers.train.optimizer import make_optimizer
-from qtransformers.train.state import (TrainState, all_finite, count_params, make_init_fn,
+from qtransformers.train.state import (TrainState, all_finite, make_init_fn,
                                        state_shardings, with_shardings)
 from qtransformers.train.step import SUM_KEYS, make_eval_step, make_train_step
 from qtransformers.train.workdir_lock import WorkdirLock, check_workdir_writable
@@ -251,8 +251,7 @@ class Trainer:
     def _throughput(self) -> Throughput:
         cfg, train = self.model_cfg, self.config.train
         tokens = self.seq_len if self.family != "vit" else cfg.num_patches + 1
-        per_token = flops.train_flops_per_token(count_params(self.abstract.params),
-                                                cfg.num_layers, cfg.d_model, tokens)
+        per_token = flops.flops_per_token(cfg, tokens)
         device = jax.devices()[0]
         peak = flops.peak_flops_per_device(device.device_kind, device.platform,
                                            train.compute_dtype)

@@ -14,6 +14,8 @@ import numpy as np
 from flax.linen import spmd
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from qtransformers.hardware import fill_mesh_axes
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -29,20 +31,9 @@ def resolve_mesh_shape(shape: Mapping[str, int], device_count: int) -> tuple[int
     if set(shape) != set(MESH_AXES):
         raise ValueError(f"mesh.shape has axes {sorted(shape)}; it needs exactly {MESH_AXES}, "
                          "e.g. {'data': -1, 'fsdp': 1, 'tensor': 1}.")
-    sizes = [int(shape[a]) for a in MESH_AXES]
-    if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-        raise ValueError(f"mesh.shape={dict(shape)} is invalid: sizes must be >= 1, with at most "
-                         "one -1 meaning 'the remaining devices'.")
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        if device_count % known:
-            raise ValueError(f"mesh.shape={dict(shape)} does not fit {device_count} devices: "
-                             f"{known} does not divide {device_count}.")
-        sizes[sizes.index(-1)] = device_count // known
-    elif known != device_count:
-        raise ValueError(f"mesh.shape={dict(shape)} has {known} devices but jax.device_count() "
-                         f"is {device_count}; make the product equal or set one axis to -1.")
-    return tuple(sizes)
+    sizes = fill_mesh_axes({a: shape[a] for a in MESH_AXES}, device_count, "mesh.shape",
+                           "jax.device_count()")
+    return tuple(sizes[a] for a in MESH_AXES)
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:

@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 import jax
 import optax
 
-from qtransformers.quant.params import path_to_str
+from qtransformers.pytree import path_to_str
 
 SCHEDULES = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw",)
