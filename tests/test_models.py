@@ -87,13 +87,6 @@ def test_opt_positions_follow_huggingface_rule():
     np.testing.assert_array_equal(opt_positions(mask), [[1, 1, 2, 3, 4], [2, 3, 4, 1, 1]])
 
 
-def test_alpha_resolves_against_configured_length():
-    cfg = get_model_config("opt_125m", "clipped")
-    assert cfg.resolved_gamma == pytest.approx(-12 / 512)
-    assert get_model_config("bert_base", "clipped").resolved_gamma == -0.025
-    assert get_model_config("opt_125m", "gated").gate_init == 0.25
-
-
 def test_paper_presets_have_paper_shapes():
     cfg = get_model_config("opt_125m")
     model = build_model(cfg.replace(num_layers=1))
