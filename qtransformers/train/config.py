@@ -20,7 +20,7 @@ from qtransformers.models.registry import MODEL_PRESETS, PAPER_METHODS, get_mode
 from qtransformers.nn.partitioning import DEFAULT_LOGICAL_AXIS_RULES
 from qtransformers.train import inputs
 from qtransformers.train.mesh import MESH_AXES
-from qtransformers.train.objectives import FAMILY_OBJECTIVES
+from qtransformers.models.tasks import get_task
 from qtransformers.train.optimizer import OPTIMIZERS, SCHEDULES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -196,7 +196,7 @@ def validate_config(config: ml_collections.ConfigDict, check_paths: bool = True)
     for key in ("eval_every", "eval_steps", "eval_batch_size", "outlier_eval_every",
                 "outlier_eval_steps", "checkpoint_every", "mlm_max_predictions"):
         _positive_int(train[key], f"train.{key}", 0)
-    if train.mlm_max_predictions and model_cfg.family != "bert":
+    if train.mlm_max_predictions and not get_task(model_cfg).selects_predictions:
         raise ValueError(f"train.mlm_max_predictions={train.mlm_max_predictions} applies to "
                          f"masked LM (bert) only; set it to 0 for model.family="
                          f"{model_cfg.family!r}.")
@@ -243,7 +243,7 @@ def _validate_data(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
         inputs.validate_data_config(data, check_paths)
     except FileNotFoundError as err:
         raise ValueError(str(err)) from err
-    objective = FAMILY_OBJECTIVES[model_cfg.family]
+    objective = get_task(model_cfg).data_objective
     if data.objective != objective:
         raise ValueError(f"data.objective={data.objective!r} cannot train a {model_cfg.family} "
                          f"model; set data.objective={objective!r}.")
