@@ -14,3 +14,6 @@ __version__ = "0.1.0"
 from qtransformers.evaluate import collect_outlier_metrics, outlier_eval_fn
 from qtransformers.quant import (QuantConfig, calibrate, evaluate_ptq, get_preset, make_eval_fn,
                                  make_quantized_eval_fn, quantize_params)
+from qtransformers import evals  # noqa: E402  (evaluator registry: qt.evals.build_evaluators)
+from qtransformers.models.tasks import Task, get_task, register_task  # noqa: E402
+from qtransformers.train.checkpointing import RestoredRun, restore_run  # noqa: E402

@@ -36,8 +36,7 @@ DEFINITION = ("kurtosis: non-excess (Gaussian = 3), per sample over the flattene
 
 
 # The tracked tensors of each family: a fact of its Task (qtransformers.models.tasks).
-TRACKED: dict[str, TrackedSites] = {family: get_task(family).outlier_sites
-                                    for family in families()}
+TRACKED: dict[str, TrackedSites] = {name: get_task(name).outlier_sites for name in families()}
 
 
 def tracked_sites(family: str) -> TrackedSites:

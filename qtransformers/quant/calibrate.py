@@ -40,7 +40,7 @@ from qtransformers.quant.config import QuantConfig, optional_points
 from qtransformers.quant.observer import EstimatorObserver
 
 # Names of the registered Tasks (qtransformers.models.tasks), kept for callers of these tables.
-FAMILY_TASKS = {family: get_task(family).name for family in families()}
+FAMILY_TASKS = {name: get_task(name).name for name in families()}
 TASKS = tuple(dict.fromkeys(FAMILY_TASKS.values()))
 TASK_KEYS = {name: get_task(name).input_keys for name in TASKS}
 Batch = Mapping[str, Any]

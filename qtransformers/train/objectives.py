@@ -17,7 +17,7 @@ from qtransformers.models.tasks import (SUM_KEYS, classification_cross_entropy, 
 
 def family_objectives() -> dict[str, str]:
     """{model family: the data objective it trains on} of every registered Task."""
-    return {family: get_task(family).data_objective for family in families()}
+    return {name: get_task(name).data_objective for name in families()}
 
 
 FAMILY_OBJECTIVES = family_objectives()
