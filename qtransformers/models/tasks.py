@@ -135,12 +135,15 @@ class Task:
         return hash(type(self))
 
     # ------------------------------------------------------------------ inputs
-    def check_batch(self, batch: Batch, extra: tuple[str, ...] = ()) -> None:
-        """Raises ValueError listing the keys the batch lacks."""
-        missing = [k for k in self.input_keys + extra if k not in batch]
+    def check_batch(self, batch: Batch, extra: tuple[str, ...] = (),
+                    inputs: bool = True) -> None:
+        """Raises ValueError listing the keys the batch lacks (the model inputs unless
+        inputs=False, plus `extra`)."""
+        needed = (self.input_keys if inputs else ()) + extra
+        missing = [k for k in needed if k not in batch]
         if missing:
-            raise ValueError(f"a {self.name!r} batch needs keys {self.input_keys + extra}; "
-                             f"missing {missing} (got {sorted(batch)})")
+            raise ValueError(f"a {self.name!r} batch needs keys {needed}; missing {missing} "
+                             f"(got {sorted(batch)})")
 
     def model_inputs(self, batch: Batch) -> tuple[tuple, dict]:
         """(positional, keyword) model inputs of a batch."""
@@ -176,7 +179,7 @@ class Task:
     # ------------------------------------------------------------------ metrics
     def metric_sums(self, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
         """{'loss_sum', 'correct_sum', 'weight_sum'} of one batch (weighted positions)."""
-        self.check_batch(batch, self.target_keys)
+        self.check_batch(batch, self.target_keys, inputs=False)
         return token_cross_entropy(logits, batch["targets"], batch["weights"])
 
     def finalize(self, sums: Mapping[str, Any]) -> dict[str, float]:
@@ -288,7 +291,7 @@ class ImageClassification(Task):
         """Soft labels ('label_probs') when present, else 'label'; weights or example_weight."""
         labels = batch["label_probs"] if "label_probs" in batch else batch.get("label")
         if labels is None:
-            self.check_batch(batch, self.target_keys)
+            self.check_batch(batch, self.target_keys, inputs=False)
         weights = batch.get("weights", batch.get("example_weight"))
         return classification_cross_entropy(logits, labels, weights)
 
