@@ -100,3 +100,21 @@ def test_a_new_evaluator_type_is_one_class():
             return [None] * num
 
     assert evaluator.scalars(evaluator.run(None, None, Data())) == {"batches": 6.0}
+
+
+def test_restore_run_raises_typed_errors_not_system_exit(tmp_path):
+    import json
+
+    from qtransformers.commandline import UserError
+    from qtransformers.train.checkpointing import (NoCheckpointError, NotARunError,
+                                                   restore_run)
+    with pytest.raises(NotARunError, match="no config.json"):
+        restore_run(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(NotARunError, match="not valid JSON"):
+        restore_run(str(tmp_path))
+    resolved = get_model_config("opt_tiny").to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({"resolved_model": resolved}))
+    with pytest.raises(NoCheckpointError, match="no finalized checkpoint") as err:
+        restore_run(str(tmp_path))
+    assert isinstance(err.value, UserError)  # commands print it as one line, exit 2
