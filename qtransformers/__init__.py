@@ -27,9 +27,11 @@ _EXPORTS = {
     **dict.fromkeys(("collect_outlier_metrics", "outlier_eval_fn"), "qtransformers.evaluate"),
     **dict.fromkeys(("QuantConfig", "calibrate", "evaluate_ptq", "get_preset", "make_eval_fn",
                      "make_quantized_eval_fn", "quantize_params"), "qtransformers.quant"),
+    **dict.fromkeys(("Task", "get_task", "register_task"), "qtransformers.models.tasks"),
+    **dict.fromkeys(("RestoredRun", "restore_run"), "qtransformers.train.checkpointing"),
 }
-_SUBPACKAGES = ("cli", "commandline", "convert", "data", "evaluate", "fileio", "models", "nn",
-                "ops", "planner", "quant", "reproduce", "train")
+_SUBPACKAGES = ("cli", "commandline", "convert", "data", "evals", "evaluate", "fileio", "models",
+                "nn", "ops", "planner", "quant", "reproduce", "train")
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -100,7 +100,7 @@ def test_eval_traces_once_and_validates(opt):
     eval_fn = make_quantized_eval_fn(model, "clm", config, max_traces=1)
     results = [eval_fn(qparams, q, b) for q in (q_minmax, q_mse) for b in (b1, b2)]
     assert float(results[0]["loss_sum"]) != float(results[2]["loss_sum"])
-    np.testing.assert_allclose(float(results[0]["count"]), B * (T - 1))
+    np.testing.assert_allclose(float(results[0]["weight_sum"]), B * (T - 1))
     flat = flatten_points(q_minmax)
     flat.pop("decoder/layers_0/attention/probs")
     flat["decoder/layers_0/bogus"] = {"x_min": 0.0, "x_max": 1.0}

@@ -56,7 +56,7 @@ def detect_family(hf_config: Any, family: str | None = None) -> str:
     if model_type not in MODEL_FAMILIES:
         raise ValueError(f"HF model_type={model_type!r} is not supported; supported: "
                          f"{MODEL_FAMILIES}.")
-    if family is not None and family != model_type:
+    if family not in (None, model_type):
         raise ValueError(f"family={family!r} does not match the HF config's "
                          f"model_type={model_type!r}.")
     return model_type
@@ -88,6 +88,61 @@ def _num_labels(cfg: Mapping[str, Any]) -> int:
     return int(cfg.get("num_labels") or 2)
 
 
+def _bert_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields of a HF BertConfig (dict with HF_DEFAULTS)."""
+    _require(cfg["position_embedding_type"] == "absolute",
+             f"position_embedding_type={cfg['position_embedding_type']!r} (need 'absolute').")
+    _require(not cfg["is_decoder"], "is_decoder=True (BertForMaskedLM is bidirectional).")
+    _require(cfg["tie_word_embeddings"], "tie_word_embeddings=False (our MLM head is tied).")
+    return dict(
+        vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"],
+        num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
+        d_ff=cfg["intermediate_size"], max_len=cfg["max_position_embeddings"],
+        type_vocab_size=cfg["type_vocab_size"], activation=_activation(cfg["hidden_act"]),
+        pre_ln=False, final_ln=False, ln_eps=cfg["layer_norm_eps"],
+        dropout_rate=cfg["hidden_dropout_prob"],
+        attention_dropout_rate=cfg["attention_probs_dropout_prob"],
+        init_std=cfg["initializer_range"], pad_token_id=cfg["pad_token_id"])
+
+
+def _opt_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields of a HF OPTConfig (dict with HF_DEFAULTS)."""
+    _require(cfg["enable_bias"], "enable_bias=False (our projections have biases).")
+    _require(cfg["layer_norm_elementwise_affine"], "layer_norm_elementwise_affine=False.")
+    _require(cfg["tie_word_embeddings"], "tie_word_embeddings=False (our LM head is tied).")
+    proj_dim = cfg["word_embed_proj_dim"]
+    pre_ln = bool(cfg["do_layer_norm_before"])
+    return dict(
+        vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"],
+        num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
+        d_ff=cfg["ffn_dim"], max_len=cfg["max_position_embeddings"],
+        activation=_activation(cfg["activation_function"]), pre_ln=pre_ln,
+        final_ln=pre_ln and not cfg["_remove_final_layer_norm"], ln_eps=OPT_LN_EPS,
+        dropout_rate=cfg["dropout"], attention_dropout_rate=cfg["attention_dropout"],
+        init_std=cfg["init_std"], pad_token_id=cfg["pad_token_id"],
+        word_embed_proj_dim=None if proj_dim in (None, cfg["hidden_size"]) else proj_dim)
+
+
+def _vit_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields of a HF ViTConfig (dict with HF_DEFAULTS)."""
+    _require(cfg["qkv_bias"], "qkv_bias=False (our query/key/value have biases).")
+    image_size = _square(cfg["image_size"], "image_size")
+    patch_size = _square(cfg["patch_size"], "patch_size")
+    return dict(
+        vocab_size=1, d_model=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"],
+        num_heads=cfg["num_attention_heads"], d_ff=cfg["intermediate_size"],
+        max_len=(image_size // patch_size) ** 2 + 1,
+        activation=_activation(cfg["hidden_act"]), pre_ln=True, final_ln=True,
+        ln_eps=cfg["layer_norm_eps"], dropout_rate=cfg["hidden_dropout_prob"],
+        attention_dropout_rate=cfg["attention_probs_dropout_prob"],
+        init_std=cfg["initializer_range"], image_size=image_size, patch_size=patch_size,
+        num_channels=cfg["num_channels"], num_classes=_num_labels(cfg))
+
+
+# The HF checkpoint format of each family (its config keys), read by one function each.
+_FIELDS_OF = {"bert": _bert_fields, "opt": _opt_fields, "vit": _vit_fields}
+
+
 def config_from_hf(hf_config: Any, family: str | None = None, **overrides: Any) -> ModelConfig:
     """ModelConfig for a HF BertConfig, OPTConfig or ViTConfig (object or config.json dict).
 
@@ -100,46 +155,5 @@ def config_from_hf(hf_config: Any, family: str | None = None, **overrides: Any) 
     family = detect_family(hf_config, family)
     cfg = {**HF_DEFAULTS[family],
            **{k: v for k, v in hf_config_dict(hf_config).items() if v is not None}}
-    if family == "bert":
-        _require(cfg["position_embedding_type"] == "absolute",
-                 f"position_embedding_type={cfg['position_embedding_type']!r} (need 'absolute').")
-        _require(not cfg["is_decoder"], "is_decoder=True (BertForMaskedLM is bidirectional).")
-        _require(cfg["tie_word_embeddings"], "tie_word_embeddings=False (our MLM head is tied).")
-        values = dict(
-            vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"],
-            num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
-            d_ff=cfg["intermediate_size"], max_len=cfg["max_position_embeddings"],
-            type_vocab_size=cfg["type_vocab_size"], activation=_activation(cfg["hidden_act"]),
-            pre_ln=False, final_ln=False, ln_eps=cfg["layer_norm_eps"],
-            dropout_rate=cfg["hidden_dropout_prob"],
-            attention_dropout_rate=cfg["attention_probs_dropout_prob"],
-            init_std=cfg["initializer_range"], pad_token_id=cfg["pad_token_id"])
-    elif family == "opt":
-        _require(cfg["enable_bias"], "enable_bias=False (our projections have biases).")
-        _require(cfg["layer_norm_elementwise_affine"], "layer_norm_elementwise_affine=False.")
-        _require(cfg["tie_word_embeddings"], "tie_word_embeddings=False (our LM head is tied).")
-        proj_dim = cfg["word_embed_proj_dim"]
-        pre_ln = bool(cfg["do_layer_norm_before"])
-        values = dict(
-            vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"],
-            num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
-            d_ff=cfg["ffn_dim"], max_len=cfg["max_position_embeddings"],
-            activation=_activation(cfg["activation_function"]), pre_ln=pre_ln,
-            final_ln=pre_ln and not cfg["_remove_final_layer_norm"], ln_eps=OPT_LN_EPS,
-            dropout_rate=cfg["dropout"], attention_dropout_rate=cfg["attention_dropout"],
-            init_std=cfg["init_std"], pad_token_id=cfg["pad_token_id"],
-            word_embed_proj_dim=None if proj_dim in (None, cfg["hidden_size"]) else proj_dim)
-    else:
-        _require(cfg["qkv_bias"], "qkv_bias=False (our query/key/value have biases).")
-        image_size = _square(cfg["image_size"], "image_size")
-        patch_size = _square(cfg["patch_size"], "patch_size")
-        values = dict(
-            vocab_size=1, d_model=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"],
-            num_heads=cfg["num_attention_heads"], d_ff=cfg["intermediate_size"],
-            max_len=(image_size // patch_size) ** 2 + 1,
-            activation=_activation(cfg["hidden_act"]), pre_ln=True, final_ln=True,
-            ln_eps=cfg["layer_norm_eps"], dropout_rate=cfg["hidden_dropout_prob"],
-            attention_dropout_rate=cfg["attention_probs_dropout_prob"],
-            init_std=cfg["initializer_range"], image_size=image_size, patch_size=patch_size,
-            num_channels=cfg["num_channels"], num_classes=_num_labels(cfg))
+    values = _FIELDS_OF[family](cfg)
     return ModelConfig.from_dict({"family": family, **values, **overrides})

@@ -97,7 +97,7 @@ def load_hf(source: Any, family: str | None = None, boxed: bool = False,
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"the state dict must be a mapping, got {type(state_dict).__name__}.")
     if isinstance(hf_config, ModelConfig):
-        if family is not None and family != hf_config.family:
+        if family not in (None, hf_config.family):
             raise ValueError(f"family={family!r} does not match config.family="
                              f"{hf_config.family!r}.")
         config = hf_config.replace(**overrides) if overrides else hf_config

@@ -19,6 +19,7 @@ from flax import traverse_util
 
 from qtransformers.models.config import ModelConfig
 from qtransformers.models.registry import build_model
+from qtransformers.models.tasks import get_task
 
 Shape = tuple[int, ...]
 
@@ -169,11 +170,8 @@ def weight_map(config: ModelConfig) -> dict[str, tuple[str, str]]:
 def abstract_params(config: ModelConfig) -> dict[str, Any]:
     """Flat {"a/b/kernel": leaf} of `jax.eval_shape(model.init, ...)["params"]`; leaves are
     ShapeDtypeStructs, wrapped in nn.Partitioned where the model annotates axes."""
-    model = build_model(config)
-    if config.family == "vit":
-        args = (jnp.zeros((1, config.image_size, config.image_size, config.num_channels)),)
-    else:
-        args = (jnp.zeros((1, 2), jnp.int32),)
+    model, task = build_model(config), get_task(config)
+    args, _ = task.model_inputs(task.example_batch(config, 2))
     variables = jax.eval_shape(model.init, jax.random.key(0), *args)
     return traverse_util.flatten_dict(dict(variables["params"]), sep="/")
 

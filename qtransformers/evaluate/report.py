@@ -38,12 +38,13 @@ def ptq_row(name: str, ptq: Mapping[str, Any], outliers: Mapping[str, Any] | Non
     """One Table-2 row: FP metric, max inf-norm, avg kurtosis, quantized mean ± std."""
     metric = ptq["metric"]
     q = ptq["quantized"]
-    unit = " (%)" if metric == "accuracy" else ""
-    row = {"model": name, f"FP {metric}{unit}": ptq["fp"][metric]}
+    # accuracy is a fraction everywhere (models.tasks); the table prints a percentage
+    scale, unit = (100.0, " (%)") if metric == "accuracy" else (1.0, "")
+    row = {"model": name, f"FP {metric}{unit}": scale * ptq["fp"][metric]}
     if outliers is not None:
         row["max inf-norm"] = outliers["max_inf_norm"]
         row["avg kurtosis"] = outliers["avg_kurtosis"]
-    row[f"{bits_label} {metric}{unit}"] = f"{_fmt(q['mean'])} ± {_fmt(q['std'])}"
+    row[f"{bits_label} {metric}{unit}"] = f"{_fmt(scale * q['mean'])} ± {_fmt(scale * q['std'])}"
     return row
 
 

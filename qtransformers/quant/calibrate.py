@@ -32,69 +32,59 @@ from typing import Any, Callable, Iterable, Mapping
 import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from qtransformers.models.tasks import Task, families, get_task
 from qtransformers.nn.quant_point import QSTATE, QSTATS, QuantContext, quant_context
 from qtransformers.quant.config import QuantConfig, optional_points
 from qtransformers.quant.observer import EstimatorObserver
 
-TASKS = ("mlm", "clm", "classification")
-FAMILY_TASKS = {"bert": "mlm", "opt": "clm", "vit": "classification"}
-TASK_KEYS = {"mlm": ("input_ids", "attention_mask"), "clm": ("input_ids", "attention_mask"),
-             "classification": ("image",)}
+# Names of the registered Tasks (qtransformers.models.tasks), kept for callers of these tables.
+FAMILY_TASKS = {name: get_task(name).name for name in families()}
+TASKS = tuple(dict.fromkeys(FAMILY_TASKS.values()))
+TASK_KEYS = {name: get_task(name).input_keys for name in TASKS}
 Batch = Mapping[str, Any]
 # (variables, batch, mutable collections) -> (model output, mutated collections)
 ApplyFn = Callable[[Mapping[str, Any], Batch, list], tuple[Any, Any]]
 
 
-def resolve_task(model: nn.Module, task: str | None = None) -> str:
-    """The task: `task` if given ('image' = 'classification'), else from model.config.family."""
-    if task == "image":
-        task = "classification"
+def resolve_task(model: nn.Module, task: str | Task | None = None) -> Task:
+    """The Task: `task` if given (a Task or a name: 'mlm', 'clm', 'classification' = 'image'),
+    else the Task of model.config.family."""
     if task is None:
         family = getattr(getattr(model, "config", None), "family", None)
-        if family not in FAMILY_TASKS:
+        if family not in families():
             raise ValueError(f"task must be one of {TASKS} (could not infer it from the model's "
                              f"config.family={family!r})")
-        task = FAMILY_TASKS[family]
-    if task not in TASKS:
+        return get_task(family)
+    if isinstance(task, Task):
+        return task
+    if task not in TASKS and task != "image":
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    return task
+    return get_task(task)
 
 
-def check_batch(task: str, batch: Batch, extra: tuple[str, ...] = ()) -> None:
+def check_batch(task: str | Task, batch: Batch, extra: tuple[str, ...] = ()) -> None:
     """Raises ValueError listing the keys a `task` batch lacks."""
-    missing = [k for k in TASK_KEYS[task] + extra if k not in batch]
-    if missing:
-        raise ValueError(f"a {task!r} batch needs keys {TASK_KEYS[task] + extra}; missing "
-                         f"{missing} (got {sorted(batch)})")
+    get_task(task).check_batch(batch, extra)
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskApply:
-    """Hashable ApplyFn of one of our models (so jitted steps are cached across calls).
-
-    mlm: model(input_ids, attention_mask, token_type_ids); clm: model(input_ids,
-    attention_mask); classification: model(image). Always deterministic.
-    """
+    """Hashable ApplyFn of one of our models (so jitted steps are cached across calls): the
+    model called on a batch by its Task (task: a Task or its name). Always deterministic."""
 
     model: nn.Module
-    task: str
+    task: Task
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "task", resolve_task(self.model, self.task))
 
     def __call__(self, variables: Mapping[str, Any], batch: Batch,
                  mutable: list) -> tuple[Any, Any]:
-        check_batch(self.task, batch)
-        if self.task == "classification":
-            args = (batch["image"],)
-        elif self.task == "mlm":
-            token_type_ids = batch.get("token_type_ids")
-            if token_type_ids is None:
-                token_type_ids = jnp.zeros_like(batch["input_ids"])
-            args = (batch["input_ids"], batch["attention_mask"], token_type_ids)
-        else:
-            args = (batch["input_ids"], batch["attention_mask"])
-        return self.model.apply(variables, *args, deterministic=True, mutable=mutable)
+        self.task.check_batch(batch)
+        batch = {k: v for k, v in batch.items() if k != "predict_positions"}
+        return self.task.apply(self.model, variables, batch, mutable=mutable)
 
 
 def token_mask_of(batch: Batch) -> jax.Array | None:

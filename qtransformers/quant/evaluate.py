@@ -4,8 +4,8 @@
     sums = eval_fn(quantize_params(params, config), qranges, batch)
 
 Ranges are traced arguments: a new estimator, seed or range never recompiles (only new batch
-shapes do). Metrics are sums, so batches add up: {'loss_sum', 'count' (weighted tokens or
-examples), 'correct'}.
+shapes do). Metrics are sums, so batches add up: {'loss_sum', 'weight_sum' (weighted tokens or
+examples), 'correct_sum'} (the Task's convention, qtransformers.models.tasks).
 
 Batches: 'mlm' {input_ids, attention_mask, token_type_ids (optional), targets, weights};
 'clm' {input_ids, attention_mask, targets (already shifted: targets[t] = input_ids[t + 1]),
@@ -22,63 +22,41 @@ no calibration, one run) or 'activations' (weights in full precision).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import chex
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
+from qtransformers.models.tasks import SUM_KEYS, Task, get_task
 from qtransformers.nn.quant_point import QRANGES, QuantContext, quant_context
-from qtransformers.quant.calibrate import (Batch, TaskApply, check_batch, discover_points,
+from qtransformers.quant.calibrate import (Batch, TaskApply, discover_points,
                                            calibrate, flatten_points, resolve_task)
 from qtransformers.quant.config import QuantConfig, optional_points
 from qtransformers.quant.params import quantize_params
 
-METRIC_KEYS = ("loss_sum", "count", "correct")
+METRIC_KEYS = SUM_KEYS
 QUANTIZE_MODES = ("both", "weights", "activations")
 
 
-def task_metrics(task: str, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
-    """Summed loss / count / correct of one batch.
+def task_metrics(task: str | Task, logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    """Summed {'loss_sum', 'correct_sum', 'weight_sum'} of one batch (Task.metric_sums).
 
     Args:
       logits: (B, T, V) for 'mlm' / 'clm', (B, C) for 'classification'.
-    Returns:
-      {'loss_sum', 'count', 'correct'} float32 scalars.
     """
-    logits = logits.astype(jnp.float32)
-    if task == "classification":
-        check_batch(task, batch, ("label",))
-        labels = batch["label"]
-        weights = batch.get("weights", batch.get("example_weight"))
-        weights = jnp.ones(labels.shape[:1], jnp.float32) if weights is None else weights
-    else:
-        check_batch(task, batch, ("targets", "weights"))
-        labels, weights = batch["targets"], batch["weights"]
-    weights = weights.astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
-    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(losses * weights), "count": jnp.sum(weights),
-            "correct": jnp.sum(correct * weights)}
+    return get_task(task).metric_sums(logits, batch)
 
 
-def summarize(task: str, sums: Mapping[str, Any]) -> dict[str, float]:
-    """Host: {'loss', 'perplexity' (text tasks), 'accuracy' (%)} from summed metrics."""
-    count = max(float(sums["count"]), 1e-12)
-    loss = float(sums["loss_sum"]) / count
-    out = {"loss": loss, "accuracy": 100.0 * float(sums["correct"]) / count}
-    if task != "classification":
-        out["perplexity"] = math.exp(min(loss, 700.0))
-    return out
+def summarize(task: str | Task, sums: Mapping[str, Any]) -> dict[str, float]:
+    """Host: {'loss', 'accuracy' (fraction), 'perplexity' (text tasks)} (Task.finalize)."""
+    return get_task(task).finalize(sums)
 
 
-def headline_metric(task: str) -> str:
+def headline_metric(task: str | Task) -> str:
     """'perplexity' for text tasks, 'accuracy' for classification (the paper's columns)."""
-    return "accuracy" if task == "classification" else "perplexity"
+    return get_task(task).headline_metric
 
 
 def validate_qranges(qranges: Any, expected_paths: Sequence[str]) -> None:
@@ -109,8 +87,8 @@ def _eval_jit(apply_fn: TaskApply) -> Callable[[Any, Batch], dict]:
     return fn
 
 
-def make_eval_fn(model: nn.Module, task: str | None = None) -> Callable[[Any, Batch], dict]:
-    """Jitted full-precision `fn(params, batch) -> {'loss_sum', 'count', 'correct'}`.
+def make_eval_fn(model: nn.Module, task: str | Task | None = None) -> Callable[[Any, Batch], dict]:
+    """Jitted full-precision `fn(params, batch) -> {'loss_sum', 'correct_sum', 'weight_sum'}`.
 
     Pass quantize_params(params, config) for weights-only quantization (activations in full
     precision). Args: params (the model's param tree), batch (see the module docstring).
@@ -136,10 +114,10 @@ def _quantized_eval_jit(apply_fn: TaskApply, ctx: QuantContext) -> Callable[...,
     return jax.jit(_quantized_traced(apply_fn, ctx))
 
 
-def make_quantized_eval_fn(model: nn.Module, task: str | None, config: QuantConfig, *,
+def make_quantized_eval_fn(model: nn.Module, task: str | Task | None, config: QuantConfig, *,
                            validate: bool = True,
                            max_traces: int | None = None) -> Callable[[Any, Any, Batch], dict]:
-    """`fn(params, qranges, batch) -> {'loss_sum', 'count', 'correct'}` with fake-quantized acts.
+    """`fn(params, qranges, batch) -> {'loss_sum', 'correct_sum', 'weight_sum'}` with fake-quantized acts.
 
     params should already be weight-quantized (quantize_params). qranges: the calibrated
     collection (None / {} for act_granularity='per_token'). Activation bits and granularity come
@@ -241,7 +219,7 @@ def ptq_label(config: QuantConfig, quantize: str = "both") -> str:
 def evaluate_ptq(model: nn.Module, params: Any, eval_batches: Sequence[Batch],
                  calib_batches: Callable[[int], Iterable[Batch]] | Sequence[Batch],
                  config: QuantConfig, seeds: Sequence[int] | None = None, *,
-                 task: str | None = None, sequential: bool = True,
+                 task: str | Task | None = None, sequential: bool = True,
                  quantize: str = "both") -> dict[str, Any]:
     """FP metric and W{b}A{b} mean ± std over PTQ seeds (paper.md §4, §7).
 
@@ -285,7 +263,7 @@ def evaluate_ptq(model: nn.Module, params: Any, eval_batches: Sequence[Batch],
             result = summarize(task, sum_metrics(qeval, (qparams, qranges), eval_batches))
         per_seed.append({"seed": seed, **result})
     values = np.asarray([r[metric] for r in per_seed], np.float64)
-    return {"task": task, "metric": metric, "fp": fp,
+    return {"task": task.name, "metric": metric, "fp": fp,
             "quantized": {"per_seed": per_seed, "mean": float(values.mean()),
                           "std": float(values.std())},
             "qranges": all_ranges, "config": config.to_dict(), "quantize": quantize}

@@ -97,7 +97,7 @@ def quantization_sensitivity(model: nn.Module, params: Any, eval_batches: Sequen
                   for p in paths]
         groups[name] = {"loss_change": loss_of(quantized_eval, params, subset) - fp_loss,
                         "num_points": len(paths), "max_range": max(widths), "points": paths}
-    return {"task": task, "group_by": group_by, "fp_loss": fp_loss,
+    return {"task": task.name, "group_by": group_by, "fp_loss": fp_loss,
             "weights_only": {"loss_change": weights_only - fp_loss},
             "activations_only": {"loss_change": activations_only - fp_loss,
                                  "num_points": len(ranges)},

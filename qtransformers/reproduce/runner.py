@@ -30,19 +30,19 @@ import numpy as np
 
 from qtransformers import data as data_lib
 from qtransformers import fileio
-from qtransformers.evaluate.checkpoints import restore_trainer_workdir
-from qtransformers.evaluate.outliers import collect_outlier_metrics
-from qtransformers.models import ModelConfig, build_model
+from qtransformers.evals import (DataConfigEvalData, build_evaluators, evaluation_models,
+                                 run_evaluators)
+from qtransformers.models import ModelConfig
+from qtransformers.models.tasks import get_task
 from qtransformers.quant.config import get_preset
-from qtransformers.quant.evaluate import evaluate_ptq
 from qtransformers.reproduce import analysis, plots
 from qtransformers.reproduce.report import build_report, write_report
 from qtransformers.train import run_identity
+from qtransformers.train.checkpointing import restore_run
 
 log = logging.getLogger("qtransformers.reproduce")
 # Sections a method may override besides model fields (reproduce.methods.NAME.optim.x = ...).
 CONFIG_SECTIONS = ("optim", "train", "data")
-METRIC_OF = {"bert": "perplexity", "opt": "perplexity", "vit": "accuracy"}
 
 
 def _read_json(path: str) -> Any:
@@ -103,21 +103,16 @@ def method_config(config: ml_collections.ConfigDict, method: str,
     return cfg
 
 
-def _model_inputs(family: str, batch: Mapping[str, np.ndarray]) -> tuple:
-    if family == "vit":
-        return (batch["image"],)
-    return (batch["input_ids"], batch["attention_mask"])
-
-
 def _token_strings(tokenizer: Any, ids: np.ndarray) -> list[str]:
     names = {getattr(tokenizer, f"{n}_id", None): f"[{n.upper()}]" for n in ("cls", "sep", "pad")}
     return [names.get(int(i)) or tokenizer.decode([int(i)]) or "?" for i in ids]
 
 
 # The whole-model outlier summaries of each periodic evaluation (per-layer values go under
-# 'per_layer').
-HISTORY_COLUMNS = ("avg_kurtosis", "max_inf_norm", "first_token_max_abs", "rest_max_abs",
-                   "first_token_attention")
+# 'per_layer'): the paper's tracked sites (the same definition as the evaluation table), then
+# the block-output view under its own names.
+HISTORY_COLUMNS = ("avg_kurtosis", "max_inf_norm", "block_kurtosis", "block_max_inf_norm",
+                   "first_token_max_abs", "rest_max_abs", "first_token_attention")
 
 
 def training_history(run_dir: str) -> list[dict[str, Any]]:
@@ -128,39 +123,51 @@ def training_history(run_dir: str) -> list[dict[str, Any]]:
             for step, row in sorted(read_metrics(run_dir, split="outliers").items())]
 
 
+def _declared_evals(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    declared = cfg.get("evals")
+    return declared.to_dict() if declared else {}
+
+
+def reproduce_evals(cfg: ml_collections.ConfigDict,
+                    rcfg: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+    """The evaluators run on each trained run: the run config's declared `evals` (if any),
+    then tracked-site outliers and PTQ over reproduce.ptq_seeds (the types `qtransformers
+    evaluate` and the trainer run, qtransformers.evals)."""
+    common = {"num_batches": rcfg.num_eval_batches, "batch_size": rcfg.eval_batch_size}
+    evals = {name: dict(settings) for name, settings in _declared_evals(cfg).items()}
+    evals["outliers"] = {"type": "outliers", **common}
+    evals["ptq"] = {"type": "ptq", **common, "preset": rcfg.quant_preset,
+                    "seeds": tuple(rcfg.ptq_seeds), "num_calib_batches": rcfg.num_calib_batches,
+                    "calib_batch_size": rcfg.calib_batch_size}
+    return evals
+
+
 def evaluate_run(cfg: ml_collections.ConfigDict, run_dir: str,
                  rcfg: ml_collections.ConfigDict) -> dict[str, Any]:
-    """FP quality, outlier metrics, W8A8 over PTQ seeds and the figure data of one trained run."""
-    model_cfg, params, _ = restore_trainer_workdir(run_dir)
-    family = model_cfg.family
-    model = build_model(model_cfg)
-    eval_it = data_lib.make_eval_iterator(cfg.data, batch_size=rcfg.eval_batch_size,
-                                          workdir=run_dir)
-    evals = [batch for _, batch in zip(range(rcfg.num_eval_batches), eval_it)]
-    qconfig = get_preset(rcfg.quant_preset).replace(
-        seeds=tuple(rcfg.ptq_seeds), num_calibration_batches=rcfg.num_calib_batches,
-        calibration_batch_size=rcfg.calib_batch_size)
-
-    def calibration_batches(seed: int) -> list[dict[str, np.ndarray]]:
-        it = data_lib.make_train_iterator(cfg.data, global_batch_size=rcfg.calib_batch_size,
-                                          seed=10_000 + seed, workdir=run_dir)
-        return [next(it) for _ in range(rcfg.num_calib_batches)]
-
-    ptq = evaluate_ptq(model, params, evals, calibration_batches, qconfig)
-    outliers = collect_outlier_metrics(model, params, evals, family)
-    first = evals[0]
-    token_mask = None if family == "vit" else np.asarray(first["attention_mask"])
-    layers = analysis.capture_intermediates(model, params, _model_inputs(family, first))
+    """FP quality, outlier metrics, W8A8 over PTQ seeds and the figure data of one trained run
+    (cfg: its trainer config; rcfg: the reproduce section)."""
+    run = restore_run(run_dir)
+    model_cfg, task = run.model_cfg, get_task(run.model_cfg)
+    evaluators = build_evaluators(reproduce_evals(cfg, rcfg), task)
+    models = evaluation_models(model_cfg)
+    data = DataConfigEvalData(task, cfg.data, rcfg.eval_batch_size, workdir=run_dir)
+    results = run_evaluators(evaluators, models, run.params, data)
+    ptq, outliers = results.pop("ptq"), results.pop("outliers")
+    model = models[True]
+    first = data.eval_batches(rcfg.num_eval_batches)[0]
+    token_mask = task.token_mask(first)
+    token_mask = None if token_mask is None else np.asarray(token_mask)
+    layers = analysis.capture_intermediates(model, run.params, task.model_inputs(first)[0])
     layer_view = analysis.per_layer_outliers(layers, token_mask)
-    if family == "vit":
+    if token_mask is None:
         tokens = ["[CLS]"] + [f"p{i}" for i in range(model_cfg.num_patches)]
     else:
         tokenizer = data_lib.build_tokenizer(cfg.data, workdir=run_dir)
         length = int(token_mask[0].sum())
         tokens = _token_strings(tokenizer, np.asarray(first["input_ids"][0, :length]))
-    metric = METRIC_OF[family]
+    metric = task.headline_metric
     quantized = ptq["quantized"]
-    return dict(
+    out = dict(
         fp={metric: ptq["fp"][metric], "loss": ptq["fp"]["loss"]},
         w8a8=dict(values=[r[metric] for r in quantized["per_seed"]],
                   losses=[r["loss"] for r in quantized["per_seed"]]),
@@ -170,6 +177,9 @@ def evaluate_run(cfg: ml_collections.ConfigDict, run_dir: str,
         attention=analysis.attention_heads(layers, tokens, token_mask),
         gates=analysis.gate_distribution(layers),
         channels=analysis.outlier_channels(layers, token_mask))
+    if results:  # the config's declared evals
+        out["evals"] = {name: evaluators[name].scalars(r) for name, r in results.items()}
+    return out
 
 
 def combine_seeds(per_seed: list[dict[str, Any]], metric: str) -> dict[str, Any]:
@@ -203,9 +213,13 @@ def training_fields(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     return run_identity.config_fields(cfg, model_config_from(cfg))
 
 
-def evaluation_fingerprint(train_fingerprint: str, rcfg: ml_collections.ConfigDict) -> str:
-    """The fingerprint of a run's evaluation: its training plus the evaluation settings."""
+def evaluation_fingerprint(train_fingerprint: str, rcfg: ml_collections.ConfigDict,
+                           evals: Mapping[str, Any] | None = None) -> str:
+    """The fingerprint of a run's evaluation: its training plus the evaluation settings (and the
+    declared `evals`, when there are any)."""
     settings = {k: json.loads(json.dumps(rcfg[k], default=list)) for k in EVAL_SETTINGS}
+    if evals:
+        settings["evals"] = json.loads(json.dumps(evals, default=list))
     return run_identity.fingerprint({"train": train_fingerprint, **settings})
 
 
@@ -264,7 +278,7 @@ def run_reproduce(config: ml_collections.ConfigDict, workdir: str, *,
         tag = f"[reproduce {index}/{len(runs)}] {method} seed {seed}"
         fields = training_fields(cfg)
         train_fp = run_identity.fingerprint(fields)
-        eval_fp = evaluation_fingerprint(train_fp, rcfg)
+        eval_fp = evaluation_fingerprint(train_fp, rcfg, _declared_evals(cfg))
         _supersede_stale_run(workdir, run_dir, fields, tag)
         if os.path.exists(done):
             log.info("%s: trained already (fingerprint %s), skipping", tag, train_fp)
@@ -299,7 +313,7 @@ def run_reproduce(config: ml_collections.ConfigDict, workdir: str, *,
     family = ModelConfig.from_dict(
         _read_json(os.path.join(workdir, "runs", f"{runs[0][0]}-seed{runs[0][1]}",
                                 "config.json"))["resolved_model"]).family
-    metric = METRIC_OF[family]
+    metric = get_task(family).headline_metric
     results = {m: combine_seeds(r, metric) for m, r in per_method.items()}
     figures = write_figures(workdir, results)
     run_info = dict(command=command or "qtransformers reproduce", machine=_machine(),

@@ -2,6 +2,7 @@
 restore past corrupt checkpoints."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -224,3 +225,138 @@ class PreemptionFlag:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+
+# ---------------------------------------------------------------- a run's layout, read back
+class RunRestoreError(UserError):
+    """A trainer workdir that cannot be read back; the message names the path and the way out.
+    (A UserError, itself a ValueError: commands print it as one line and exit 2.)"""
+
+
+class NotARunError(RunRestoreError):
+    """The folder has no trainer config.json (or not a valid one)."""
+
+
+class NoCheckpointError(RunRestoreError):
+    """No finalized checkpoint, or none that restores."""
+
+
+class CheckpointMismatchError(RunRestoreError):
+    """A checkpoint holds another model than the workdir's config.json."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredRun:
+    """A trainer run read back by restore_run.
+
+    model_cfg: the ModelConfig it trained (config.json 'resolved_model'); params: the newest
+    checkpoint's params that restore (on this process's first device); step: that checkpoint's
+    step; config: the run's experiment config as recorded (config.json 'config', a dict);
+    workdir: the folder.
+    """
+
+    model_cfg: Any
+    params: Any
+    step: int
+    config: dict
+    workdir: str
+
+
+def run_layout(workdir: str) -> dict[str, str]:
+    """The files of a trainer workdir: {'config': config.json, 'checkpoints': its orbax folder,
+    'metrics': metrics.jsonl}."""
+    return {"config": os.path.join(workdir, "config.json"),
+            "checkpoints": os.path.join(fileio.absolute(workdir), "checkpoints"),
+            "metrics": os.path.join(workdir, "metrics.jsonl")}
+
+
+def read_run_model(workdir: str) -> tuple[Any, dict]:
+    """(ModelConfig, the whole config.json record) of a trainer workdir; NotARunError when
+    config.json is missing, not JSON or has no valid 'resolved_model'."""
+    from qtransformers.models.config import ModelConfig
+    path = run_layout(workdir)["config"]
+    if not fileio.isfile(path):
+        raise NotARunError(f"{workdir} is not a trainer workdir (no config.json); give the "
+                           "folder `qtransformers train --workdir` wrote.")
+    try:
+        record = json.loads(fileio.read_text(path))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise NotARunError(f"{path} is not valid JSON ({err}); restore it or point at another "
+                           "workdir.") from err
+    try:
+        return ModelConfig.from_dict(record["resolved_model"]), record
+    except (KeyError, TypeError, ValueError) as err:
+        raise NotARunError(f"{workdir}/config.json has no valid 'resolved_model' ({err}); it is "
+                           "not a trainer workdir's config.") from err
+
+
+def abstract_params(model_cfg: Any) -> Any:
+    """The parameter shapes (ShapeDtypeStructs, no compute) of model_cfg's model."""
+    from qtransformers.models import build_model
+    from qtransformers.models.tasks import get_task
+    model, task = build_model(model_cfg), get_task(model_cfg)
+    args, kwargs = task.model_inputs(task.example_batch(model_cfg, min(8, model_cfg.max_len)))
+    return jax.eval_shape(lambda key: model.init(key, *args, deterministic=True,
+                                                 **kwargs)["params"], jax.random.PRNGKey(0))
+
+
+def restore_run(workdir: str) -> RestoredRun:
+    """The model config, params, step and config of a trainer workdir's newest checkpoint that
+    restores: the one reader of the layout the trainer writes (config.json + checkpoints/).
+
+    A step that does not restore (corrupt or partial files) is skipped with a warning on stderr
+    and the previous one is tried, as the trainer does (nothing is moved: this only reads).
+    Raises:
+      NotARunError: no valid config.json. NoCheckpointError: no checkpoint, or none restores.
+      CheckpointMismatchError: the checkpoints hold another model than config.json.
+    """
+    import sys
+    model_cfg, record = read_run_model(workdir)
+    ckpt_dir = run_layout(workdir)["checkpoints"]
+    if not fileio.isdir(ckpt_dir):
+        raise NoCheckpointError(f"{workdir}: no finalized checkpoint under {ckpt_dir} (no such "
+                                "folder); let the run save one (train.checkpoint_every) or give "
+                                "another folder")
+    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(create=False),
+                                    item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                   "data": ocp.JsonCheckpointHandler()})
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise NoCheckpointError(f"{workdir}: no finalized checkpoint under {ckpt_dir}; let the "
+                                "run save one (train.checkpoint_every) or give another folder")
+    wanted = param_shapes(abstract_params(model_cfg))
+    # Restore onto this process's first device whatever mesh wrote the checkpoint (a checkpoint
+    # from a multi-host run carries device ids that do not exist here).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    failures = []
+    for step in steps:
+        try:
+            metadata = manager.item_metadata(step)["state"]
+            saved_params = metadata["params"]
+        except Exception as err:  # orbax raises many types on unreadable metadata
+            failures.append(f"step {step}: {type(err).__name__}: {str(err)[:120]}")
+            continue
+        mismatch = describe_mismatch(param_shapes(saved_params), wanted)
+        if mismatch:
+            raise CheckpointMismatchError(
+                f"{workdir}: checkpoint step {step} holds another model than the workdir's "
+                f"config.json ({mismatch}); the workdir was mixed up: give a workdir whose "
+                "config.json made its checkpoints")
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+            if hasattr(m, "shape") else m, metadata)
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target)))
+        except Exception as err:  # corrupt / partial files: fall back to the previous step
+            failures.append(f"step {step}: {type(err).__name__}: {str(err)[:120]}")
+            continue
+        if failures:
+            print(f"warning: newer checkpoints in {ckpt_dir} do not restore ("
+                  + "; ".join(failures) + f"); evaluating checkpoint step {step}.",
+                  file=sys.stderr)
+        state = restored["state"]
+        params = state["params"] if isinstance(state, dict) else state.params
+        return RestoredRun(model_cfg, params, int(step), record.get("config", {}), workdir)
+    raise NoCheckpointError(f"{workdir}: no checkpoint under {ckpt_dir} restores ("
+                            + "; ".join(failures) + ")")

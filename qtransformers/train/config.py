@@ -14,16 +14,18 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from qtransformers.evals.registry import build_evaluators, train_evals
 from qtransformers.models.config import ModelConfig
 from qtransformers.models.registry import MODEL_PRESETS, PAPER_METHODS, get_model_config
 from qtransformers.nn.partitioning import DEFAULT_LOGICAL_AXIS_RULES
 from qtransformers.train import inputs
 from qtransformers.train.mesh import MESH_AXES
-from qtransformers.train.objectives import FAMILY_OBJECTIVES
+from qtransformers.models.tasks import get_task
 from qtransformers.train.optimizer import OPTIMIZERS, SCHEDULES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SECTIONS = ("model", "data", "optim", "train", "mesh", "distributed")
+OPTIONAL_SECTIONS = ("evals",)  # configs written before it have none: the train.* aliases
 
 
 def _field_type(hint: Any) -> type:
@@ -67,6 +69,12 @@ def base_config(preset: str, method: str = "vanilla") -> ml_collections.ConfigDi
       async_checkpoint; compute_dtype 'float32' | 'bfloat16' (params stay float32);
       mlm_max_predictions (masked LM: run the MLM head on at most this many masked positions per
       row instead of all T, as BERT's max_predictions_per_seq; 0 = every position).
+    evals: named evaluators run every N steps, at the end, by `qtransformers evaluate` and by
+      `reproduce` (qtransformers.evals.registry): evals.NAME = dict(type='fp' | 'outliers' |
+      'block_outliers' | 'ptq' | 'sensitivity', every=N, num_batches=8, batch_size=0, ...).
+      train.eval_every / eval_steps declare evals.eval (type fp) and train.outlier_eval_every /
+      outlier_eval_steps evals.outliers (tracked sites + block view); a declared name replaces
+      that alias.
     mesh: shape {'data', 'fsdp', 'tensor'} (one -1 = the remaining devices);
       logical_axis_rules (logical axis name -> mesh axes).
     distributed: coordinator_address 'host:port', num_processes, process_id (None =
@@ -84,6 +92,7 @@ def base_config(preset: str, method: str = "vanilla") -> ml_collections.ConfigDi
         eval_steps=20, eval_batch_size=0, outlier_eval_every=0, outlier_eval_steps=4,
         checkpoint_every=1000, keep_checkpoints=3, async_checkpoint=True,
         compute_dtype="float32", mlm_max_predictions=0))
+    config.evals = ml_collections.ConfigDict()
     config.mesh = ml_collections.ConfigDict(dict(
         shape=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
         logical_axis_rules=DEFAULT_LOGICAL_AXIS_RULES))
@@ -159,7 +168,7 @@ def validate_config(config: ml_collections.ConfigDict, check_paths: bool = True)
     a data config the data layer rejects (missing path, ...), and model / data mismatches.
     check_paths=False skips the checks that local data / tokenizer files exist.
     """
-    _check_keys(config, "config", set(SECTIONS))
+    _check_keys(config, "config", set(SECTIONS + OPTIONAL_SECTIONS))
     missing = [s for s in SECTIONS if s not in config]
     if missing:
         raise ValueError(f"config lacks sections {missing}; build it with "
@@ -196,7 +205,7 @@ def validate_config(config: ml_collections.ConfigDict, check_paths: bool = True)
     for key in ("eval_every", "eval_steps", "eval_batch_size", "outlier_eval_every",
                 "outlier_eval_steps", "checkpoint_every", "mlm_max_predictions"):
         _positive_int(train[key], f"train.{key}", 0)
-    if train.mlm_max_predictions and model_cfg.family != "bert":
+    if train.mlm_max_predictions and not get_task(model_cfg).selects_predictions:
         raise ValueError(f"train.mlm_max_predictions={train.mlm_max_predictions} applies to "
                          f"masked LM (bert) only; set it to 0 for model.family="
                          f"{model_cfg.family!r}.")
@@ -209,6 +218,7 @@ def validate_config(config: ml_collections.ConfigDict, check_paths: bool = True)
         raise ValueError(f"mesh.shape has axes {sorted(shape)}; it needs exactly {MESH_AXES}.")
     _validate_distributed(config.distributed)
     _validate_data(config, model_cfg, check_paths)
+    build_evaluators(train_evals(config), get_task(model_cfg))  # bad evals raise here
     return model_cfg
 
 
@@ -243,7 +253,7 @@ def _validate_data(config: ml_collections.ConfigDict, model_cfg: ModelConfig,
         inputs.validate_data_config(data, check_paths)
     except FileNotFoundError as err:
         raise ValueError(str(err)) from err
-    objective = FAMILY_OBJECTIVES[model_cfg.family]
+    objective = get_task(model_cfg).data_objective
     if data.objective != objective:
         raise ValueError(f"data.objective={data.objective!r} cannot train a {model_cfg.family} "
                          f"model; set data.objective={objective!r}.")

@@ -77,11 +77,13 @@ def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray
 
 
 def eval_batches(config: ml_collections.ConfigDict, num_batches: int, mesh: jax.sharding.Mesh,
-                 tokenizer: Any = None, workdir: str | None = None
+                 tokenizer: Any = None, workdir: str | None = None, batch_size: int = 0
                  ) -> Iterator[dict[str, jax.Array]]:
-    """Up to `num_batches` (0 = all) global evaluation batches of train.eval_batch_size rows
-    (padding rows carry weight 0), from a fresh, ordered evaluation iterator."""
-    global_rows = config.train.eval_batch_size or config.train.global_batch_size
+    """Up to `num_batches` (0 = all) global evaluation batches of `batch_size` rows (0 =
+    train.eval_batch_size, itself 0 = the global batch; padding rows carry weight 0), from a
+    fresh, ordered evaluation iterator."""
+    global_rows = (batch_size or config.train.eval_batch_size
+                   or config.train.global_batch_size)
     local_rows = global_rows // jax.process_count()
     kwargs = {} if config.data.objective == "image" else {"tokenizer": tokenizer}
     iterator = data_module().make_eval_iterator(

@@ -15,13 +15,14 @@ from qtransformers import fileio
 from qtransformers.models.registry import build_model
 from qtransformers.train import checkpointing, flops, inputs, run_identity
 from qtransformers.train import mesh as mesh_lib
-from qtransformers.train import outliers as outliers_lib
+from qtransformers import evals as evals_lib
+from qtransformers.evals.block_outliers import OutlierEvalFn
+from qtransformers.models.tasks import get_task
 from qtransformers.train.config import check_vocab, validate_config, validate_for_devices
-from qtransformers.train.objectives import finalize_metrics
 from qtransformers.train.optimizer import make_optimizer
 from qtransformers.train.state import (TrainState, all_finite, make_init_fn,
                                        state_shardings, with_shardings)
-from qtransformers.train.step import SUM_KEYS, make_eval_step, make_train_step
+from qtransformers.train.step import make_train_step
 from qtransformers.train.workdir_lock import WorkdirLock, check_workdir_writable
 from qtransformers.train.writers import MetricWriter, Throughput
 
@@ -36,7 +37,7 @@ class Trainer:
     """Builds everything from a validated config; `run()` trains to config.train.num_steps."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-                 outlier_eval_fn: outliers_lib.OutlierEvalFn | None = None,
+                 outlier_eval_fn: OutlierEvalFn | None = None,
                  devices: Sequence[jax.Device] | None = None,
                  allow_changed: Sequence[str] = ()):
         self.model_cfg = validate_config(config)
@@ -58,6 +59,7 @@ class Trainer:
             check_workdir_writable(workdir)
         self.rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
         self.family = self.model_cfg.family
+        self.task = get_task(self.model_cfg)
         vocab = inputs.data_vocab_size(config, workdir)
         if vocab is not None:
             check_vocab(vocab, self.model_cfg)
@@ -68,14 +70,20 @@ class Trainer:
         self.seq_len = config.data.seq_len
         self.abstract, self.shardings = state_shardings(
             self.model, self.model_cfg, self.tx, self.seq_len, self.mesh, self.rules)
-        self.outlier_eval_fn = outlier_eval_fn or outliers_lib.default_outlier_eval_fn
+        self.evaluators = evals_lib.build_evaluators(evals_lib.train_evals(config), self.task)
+        for evaluator in self.evaluators.values():
+            if hasattr(evaluator, "block_fn"):  # a custom block-view hook
+                evaluator.block_fn = outlier_eval_fn
+        self._check_evaluators()
+        self.eval_models = evals_lib.evaluation_models(self.model_cfg, self.model)
+        self.eval_data = TrainerEvalData(config, self.task, self.mesh, self.tokenizer, workdir)
         self.checkpointer = checkpointing.Checkpointer(
             os.path.join(workdir, "checkpoints"), train.checkpoint_every, train.keep_checkpoints,
             train.async_checkpoint)
         self._compile()
 
     def _compile(self) -> None:
-        """Jits init / train / eval / outlier steps with shardings from the current mesh."""
+        """Jits init / train steps with shardings from the current mesh."""
         replicated = mesh_lib.replicated(self.mesh)
         init = make_init_fn(self.model, self.model_cfg, self.tx, self.seq_len)
         self.init_fn = jax.jit(init, out_shardings=self.shardings)
@@ -87,13 +95,6 @@ class Trainer:
         self.train_step = jax.jit(step, in_shardings=(self.shardings, batch_sharding),
                                   out_shardings=(self.shardings, replicated),
                                   donate_argnums=(0,))
-        self.eval_step = jax.jit(make_eval_step(self.model, self.family),
-                                 out_shardings=replicated)
-        fn, model, family = self.outlier_eval_fn, self.model, self.family
-        # Per-sample values and the real-row mask come back replicated (multi-host readable).
-        self.outlier_step = jax.jit(
-            lambda params, batch: (fn(model, family, params, batch), inputs.valid_rows(batch)),
-            out_shardings=replicated)
 
     # ---------------------------------------------------------------- state & data
     def initial_state(self, train_iter: Any) -> TrainState:
@@ -112,30 +113,15 @@ class Trainer:
                                      self.config.train.global_batch_size)
 
     # ---------------------------------------------------------------- evaluation
-    def evaluate(self, params: Any) -> dict[str, float]:
-        """Loss / accuracy / perplexity over train.eval_steps evaluation batches."""
-        totals = {k: 0.0 for k in SUM_KEYS}
+    def run_evaluators(self, params: Any, names: Sequence[str] | None = None) -> dict[str, Any]:
+        """{name: result} of the config's evaluators (all, or `names`) on `params`."""
+        chosen = {n: e for n, e in self.evaluators.items() if names is None or n in names}
         with mesh_lib.sharding_context(self.mesh, self.rules):
-            for batch in inputs.eval_batches(self.config, self.config.train.eval_steps,
-                                             self.mesh, self.tokenizer, self.workdir):
-                sums = jax.device_get(self.eval_step(params, batch))
-                totals = {k: totals[k] + float(sums[k]) for k in SUM_KEYS}
-        return finalize_metrics(totals)
+            return evals_lib.run_evaluators(chosen, self.eval_models, params, self.eval_data)
 
-    def evaluate_outliers(self, params: Any) -> dict[str, Any]:
-        """Dataset means of the outlier hook's per-sample metrics, plus summaries."""
-        sums: dict[str, float] = {}
-        count = 0.0
-        with mesh_lib.sharding_context(self.mesh, self.rules):
-            for batch in inputs.eval_batches(self.config, self.config.train.outlier_eval_steps,
-                                             self.mesh, self.tokenizer, self.workdir):
-                values, valid = jax.device_get(self.outlier_step(params, batch))
-                valid = np.asarray(valid, np.float64)
-                for name, per_sample in values.items():
-                    sums[name] = sums.get(name, 0.0) + float(np.sum(per_sample * valid))
-                count += float(valid.sum())
-        means = {k: v / max(count, 1.0) for k, v in sums.items()}
-        return outliers_lib.summarize_outliers(means)
+    def evaluate(self, params: Any) -> dict[str, float]:
+        """Loss / accuracy / perplexity of the 'eval' evaluator (train.eval_steps batches)."""
+        return self.run_evaluators(params, ["eval"])["eval"]
 
     # ---------------------------------------------------------------- loop
     def run(self) -> dict[str, Any]:
@@ -202,8 +188,7 @@ class Trainer:
                     last = step == train.num_steps
                     save = stop or self.checkpointer.should_save(step) or (
                         last and train.checkpoint_every > 0)  # 0: no checkpoints
-                    evaluate = (_due(step, train.eval_every, last)
-                                or _due(step, train.outlier_eval_every, last))
+                    evaluate = any(e.due(step, last) for e in self.evaluators.values())
                     if save or evaluate:
                         flush()  # check (and log) this step before saving or pausing
                         paused = time.perf_counter()
@@ -230,35 +215,41 @@ class Trainer:
 
     def _evaluate_due(self, step: int, last: bool, params: Any,
                       writer: MetricWriter) -> dict[str, Any]:
-        """The evaluations due at `step`, written to the logs; returns them for the result."""
-        train, out = self.config.train, {}
-        if _due(step, train.eval_every, last):
-            metrics = self.evaluate(params)
-            writer.write(step, "eval", metrics)
+        """The evaluators due at `step`, written to the logs (split = the evaluator's name);
+        returns their scalars for the result: an fp evaluator's flattened as '<name>_<metric>'
+        (evals.eval -> 'eval_loss'), the others' nested under the name."""
+        due = [name for name, e in self.evaluators.items() if e.due(step, last)]
+        out: dict[str, Any] = {}
+        for name, result in self.run_evaluators(params, due).items():
+            evaluator = self.evaluators[name]
+            scalars = evaluator.scalars(result)
+            writer.write(step, name, scalars)
             if self.is_chief:
-                logger.info("eval step %d | loss %.4f | perplexity %.2f | accuracy %.4f", step,
-                            metrics["loss"], metrics["perplexity"], metrics["accuracy"])
-            out.update({f"eval_{k}": v for k, v in metrics.items()})
-        if _due(step, train.outlier_eval_every, last):
-            out["outliers"] = self.evaluate_outliers(params)
-            writer.write(step, "outliers", out["outliers"])
-            if self.is_chief:
-                logger.info("outliers step %d | avg kurtosis %.2f | max inf-norm %.2f", step,
-                            out["outliers"].get("avg_kurtosis", float("nan")),
-                            out["outliers"].get("max_inf_norm", float("nan")))
+                logger.info("%s step %d | %s", name, step, evaluator.summary(result))
+            if evaluator.type_name == "fp":
+                out.update({f"{name}_{k}": v for k, v in scalars.items()})
+            else:
+                out[name] = scalars
         return out
 
+    def _check_evaluators(self) -> None:
+        """PTQ evaluators read process-local calibration batches: one process only."""
+        quant = [n for n, e in self.evaluators.items() if e.type_name in ("ptq", "sensitivity")
+                 and e.every > 0]
+        if quant and jax.process_count() > 1:
+            raise ValueError(f"evals {quant} (PTQ) run in single-process training only; set "
+                             "their every=0 and run `qtransformers evaluate` on the checkpoint.")
+
     def _throughput(self) -> Throughput:
-        cfg, train = self.model_cfg, self.config.train
-        tokens = self.seq_len if self.family != "vit" else cfg.num_patches + 1
+        cfg, train, task = self.model_cfg, self.config.train, self.task
+        tokens = task.tokens_per_example(cfg, self.seq_len)
         per_token = flops.flops_per_token(cfg, tokens)
         device = jax.devices()[0]
         peak = flops.peak_flops_per_device(device.device_kind, device.platform,
                                            train.compute_dtype)
-        items = train.global_batch_size * (tokens if self.family != "vit" else 1)
+        items = train.global_batch_size * task.items_per_example(cfg, self.seq_len)
         return Throughput(items, per_token * tokens * train.global_batch_size,
-                          jax.device_count(), peak, train.num_steps,
-                          "images" if self.family == "vit" else "tokens")
+                          jax.device_count(), peak, train.num_steps, task.item_unit)
 
     def _nan_message(self, step: int, metrics: dict[str, float] | None) -> str:
         what = (f"loss={metrics['loss']}, grad_norm={metrics['grad_norm']}" if metrics
@@ -268,8 +259,22 @@ class Trainer:
                 "Lower optim.lr, raise optim.warmup_steps or set optim.clip_norm.")
 
 
-def _due(step: int, every: int, last: bool) -> bool:
-    return every > 0 and (step % every == 0 or last)
+class TrainerEvalData(evals_lib.DataConfigEvalData):
+    """The trainer's batches for its evaluators: global, mesh-sharded eval batches padded to
+    the eval batch size (inputs.eval_batches); calibration batches as every other path reads
+    them (evals.DataConfigEvalData); per-sample outputs replicated (multi-host readable)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, task: Any, mesh: jax.sharding.Mesh,
+                 tokenizer: Any, workdir: str):
+        super().__init__(task, config.data,
+                         config.train.eval_batch_size or config.train.global_batch_size,
+                         workdir, tokenizer)
+        self.config, self.mesh = config, mesh
+        self.out_sharding = mesh_lib.replicated(mesh)
+
+    def _eval_batches(self, num_batches: int, batch_size: int) -> Any:
+        return inputs.eval_batches(self.config, num_batches, self.mesh, self.tokenizer,
+                                   self.workdir, batch_size)
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict, model_cfg: Any,
@@ -285,7 +290,7 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict, model_cfg: An
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       outlier_eval_fn: outliers_lib.OutlierEvalFn | None = None,
+                       outlier_eval_fn: OutlierEvalFn | None = None,
                        devices: Sequence[jax.Device] | None = None,
                        allow_changed: Sequence[str] = ()) -> dict[str, Any]:
     """Trains (resuming from workdir/checkpoints when present) and evaluates.
@@ -293,15 +298,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     Args:
       config: the experiment config (see qtransformers.train.config.base_config).
       workdir: checkpoints/, metrics.jsonl, tensorboard/ and config.json go here.
-      outlier_eval_fn: (model, family, params, batch) -> {name: (B,) per-sample values},
-        averaged over train.outlier_eval_steps eval batches every train.outlier_eval_every
-        steps (default: per-layer kurtosis / inf-norm of the block outputs).
+      outlier_eval_fn: (model, family, params, batch) -> {name: (B,) per-sample values}: the
+        block-view hook of the 'outliers' / 'block_outliers' evaluators (default: per-layer
+        kurtosis / inf-norm of the block outputs, evals.block_outliers).
       devices: run on these local devices only (single process; default all devices).
       allow_changed: identity fields (only 'train.num_steps') that may differ from the
         workdir's config.json; any other difference raises UserError before any work.
     Returns:
       {'step', 'loss', 'accuracy', 'grad_norm', 'learning_rate', 'eval_loss',
-       'eval_accuracy', 'eval_perplexity', 'outliers': {...}, 'preempted'?}.
+       'eval_accuracy', 'eval_perplexity', 'outliers': {...}, <evaluator name>: {...},
+       'preempted'?} (the evaluators of config.evals / train.*_every, see evals.train_evals).
     Raises:
       ValueError: a bad config (before any work). NonFiniteLossError: a NaN / inf loss.
     """

@@ -30,7 +30,7 @@ FREE_FIELDS = frozenset({
     "train.keep_checkpoints", "train.async_checkpoint",
     "data.eval_split", "data.eval_max_documents", "data.eval_crop_fraction", "data.prefetch",
     "data.num_workers"})
-FREE_SECTIONS = ("mesh", "distributed")
+FREE_SECTIONS = ("mesh", "distributed", "evals")
 # Identity fields that `--allow_changed` may let a resumed run change.
 CHANGEABLE_ON_RESUME = ("train.num_steps",)
 _LOCAL_PATH_FIELDS = ("path", "eval_path", "tokenizer")

@@ -12,7 +12,7 @@ import optax
 
 from qtransformers.models.config import ModelConfig
 from qtransformers.train import mesh as mesh_lib
-from qtransformers.train.objectives import model_inputs
+from qtransformers.models.tasks import get_task
 
 
 @flax.struct.dataclass
@@ -30,12 +30,8 @@ class TrainState:
 
 
 def example_batch(model_cfg: ModelConfig, seq_len: int, batch_size: int = 1) -> dict[str, Any]:
-    """A zero batch of the model's input shapes, for init and eval_shape."""
-    if model_cfg.family == "vit":
-        size = model_cfg.image_size
-        return {"image": jnp.zeros((batch_size, size, size, model_cfg.num_channels), jnp.float32)}
-    ids = jnp.zeros((batch_size, seq_len), jnp.int32)
-    return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "token_type_ids": ids}
+    """A zero batch of the model's input shapes, for init and eval_shape (Task.example_batch)."""
+    return get_task(model_cfg).example_batch(model_cfg, seq_len, batch_size)
 
 
 def make_init_fn(model: nn.Module, model_cfg: ModelConfig, tx: optax.GradientTransformation,
@@ -44,7 +40,7 @@ def make_init_fn(model: nn.Module, model_cfg: ModelConfig, tx: optax.GradientTra
     nn.Partitioned boxes (for reading logical axis names from `jax.eval_shape`)."""
     def init(key: jax.Array) -> TrainState:
         params_key, dropout_key = jax.random.split(key)
-        args, kwargs = model_inputs(model_cfg.family, example_batch(model_cfg, seq_len))
+        args, kwargs = get_task(model_cfg).model_inputs(example_batch(model_cfg, seq_len))
         params = model.init({"params": params_key}, *args, deterministic=True, **kwargs)["params"]
         if not boxed:
             params = nn.unbox(params)

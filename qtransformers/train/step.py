@@ -9,11 +9,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from qtransformers.train.objectives import apply_model, compute_objective, select_predictions
+from qtransformers.models.tasks import SUM_KEYS, get_task
 from qtransformers.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
-SUM_KEYS = ("loss_sum", "correct_sum", "weight_sum")
 
 
 def _split_micro_batches(batch: Batch, accum: int, mesh: jax.sharding.Mesh | None,
@@ -54,11 +53,13 @@ def make_train_step(model: nn.Module, family: str, tx: optax.GradientTransformat
     Returns metrics: loss, accuracy (over weighted positions), weight_sum, grad_norm,
       learning_rate (of this update) - scalars.
     """
+    task = get_task(family)
+
     def loss_fn(params: Any, micro: Batch, rng: jax.Array):
-        if mlm_max_predictions and family == "bert":
-            micro = select_predictions(micro, mlm_max_predictions)
-        logits = apply_model(model, params, micro, family, deterministic=False, dropout_rng=rng)
-        sums = compute_objective(family, logits, micro)
+        micro = task.prepare_train_batch(micro, mlm_max_predictions)
+        logits = task.apply(model, {"params": params}, micro, deterministic=False,
+                            rngs={"dropout": rng})
+        sums = task.metric_sums(logits, micro)
         return sums["loss_sum"], sums
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -96,7 +97,8 @@ def make_train_step(model: nn.Module, family: str, tx: optax.GradientTransformat
 
 def make_eval_step(model: nn.Module, family: str) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """`eval_step(params, batch) -> {'loss_sum', 'correct_sum', 'weight_sum'}` (no dropout)."""
+    task = get_task(family)
+
     def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
-        logits = apply_model(model, params, batch, family, deterministic=True)
-        return compute_objective(family, logits, batch)
+        return task.metric_sums(task.apply(model, {"params": params}, batch), batch)
     return eval_step
