@@ -51,6 +51,23 @@ def collect(workdirs: Sequence[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def per_layer_rows(workdirs: Sequence[str], site: str = "mlp_residual") -> list[dict[str, Any]]:
+    """One row per finished workdir: max |x| / kurtosis of `site` in every layer (after)."""
+    rows = []
+    for w in workdirs:
+        path = os.path.join(w, "final.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            layers = json.load(f)["after"]["outliers"]["per_layer"]
+        row: dict[str, Any] = {"setting": os.path.basename(os.path.normpath(w))}
+        for r in layers:
+            if r["site"] == site:
+                row[f"L{r['layer']} max|x| / kurt"] = f"{r['max |x|']:.0f} / {r['kurtosis']:.0f}"
+        rows.append(row)
+    return rows
+
+
 def plot_curves(workdirs: Sequence[str], png: str) -> str:
     """Writes the training curves of the workdirs to `png`; returns its path."""
     import matplotlib
@@ -90,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = collect(args.workdirs)
     print(format_table(rows, list(rows[0]) if rows else []))
+    layers = per_layer_rows(args.workdirs)
+    if layers:
+        print()
+        print(format_table(layers, list(layers[0])))
     if args.png:
         print(f"wrote {plot_curves(args.workdirs, args.png)}")
     return 0
