@@ -12,13 +12,15 @@ SUBCOMMANDS = {
                  "checkpoint or a HuggingFace folder"),
     "reproduce": ("qtransformers.reproduce.main:main", "train vanilla / clipped / gated under one "
                   "budget, quantize, measure, and write a report"),
+    "retrofit": ("qtransformers.retrofit.main:main", "fine-tune a pretrained model into gated / "
+                 "clipped attention (distillation + outlier penalty), measure before / after"),
     "tokenizer": ("qtransformers.data:tokenizer_main", "train a WordPiece or BPE tokenizer on "
                   "text files"),
 }
 
 # Every command parses absl flags; train and reproduce take argv with the program name first
 # (as absl.app passes it), evaluate and tokenizer the arguments after the command.
-ABSL_STYLE = ("train", "reproduce")
+ABSL_STYLE = ("train", "reproduce", "retrofit")
 
 
 def usage() -> str:

@@ -1,0 +1,120 @@
+"""The table and curves of finished retrofit workdirs.
+
+    python -m qtransformers.retrofit.report runs/retrofit_* --png docs/img/retrofit_curves.png
+
+Table rows (one per workdir, `after` of final.json; a row 'NAME (step 0)' for its `before` when
+measured): steps, [CLS] outlier (site / channel, max|x|), peak / median channel (of that site,
+and the largest over all token sites), max kurtosis, FP / W8A8 / W8A{bits} recall@1 and @10,
+W8A8 − FP in points, train seconds. Curves: per workdir, the penalty sites' largest |x| in the
+training batch and the distillation loss (1 − cos) over the steps (metrics.jsonl).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Sequence
+
+from qtransformers.evaluate.report import format_table
+
+
+def _row(name: str, m: dict[str, Any], steps: int, seconds: float | None) -> dict[str, Any]:
+    low = next(k for k in m if k.startswith("w8a") and k != "w8a8")
+    o = m["outliers"]
+    site = o["site"].replace("encoder/", "").replace("layers_", "L")
+    return {"setting": name, "steps": steps,
+            "outlier (site ch)": f"{site} {o['channel']}", "max |x|": round(o["max_abs"], 1),
+            "[CLS] share": o["cls_share"], "peak/median": round(o["peak_over_median"], 1),
+            "max peak/median": round(o["max_peak_over_median"], 1),
+            "max kurtosis": round(o["max_kurtosis"], 0),
+            "FP R@1": m["fp"]["recall@1"], "FP R@10": m["fp"]["recall@10"],
+            "W8A8 R@1": m["w8a8"]["recall@1"], "W8A8 R@10": m["w8a8"]["recall@10"],
+            f"{low.upper()} R@1": m[low]["recall@1"],
+            "W8A8−FP (pt)": round(100 * (m["w8a8"]["recall@1"] - m["fp"]["recall@1"]), 1),
+            "train s": None if seconds is None else round(seconds)}
+
+
+def collect(workdirs: Sequence[str]) -> list[dict[str, Any]]:
+    """Table rows of the finished workdirs (those with final.json), in the given order."""
+    rows = []
+    for w in workdirs:
+        path = os.path.join(w, "final.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            final = json.load(f)
+        name = os.path.basename(os.path.normpath(w))
+        if final.get("before"):
+            rows.append(_row(f"{name} (step 0)", final["before"], 0, None))
+        rows.append(_row(name, final["after"], final["steps"],
+                         final["train_seconds"] if final["steps"] else None))
+    return rows
+
+
+def per_layer_rows(workdirs: Sequence[str], site: str = "mlp_residual") -> list[dict[str, Any]]:
+    """One row per finished workdir: max |x| / kurtosis of `site` in every layer (after)."""
+    rows = []
+    for w in workdirs:
+        path = os.path.join(w, "final.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            layers = json.load(f)["after"]["outliers"]["per_layer"]
+        row: dict[str, Any] = {"setting": os.path.basename(os.path.normpath(w))}
+        for r in layers:
+            if r["site"] == site:
+                row[f"L{r['layer']} max|x| / kurt"] = f"{r['max |x|']:.0f} / {r['kurtosis']:.0f}"
+        rows.append(row)
+    return rows
+
+
+def plot_curves(workdirs: Sequence[str], png: str) -> str:
+    """Writes the training curves of the workdirs to `png`; returns its path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for w in workdirs:
+        path = os.path.join(w, "metrics.jsonl")
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        train = [r for r in rows if r.get("split") == "train"]
+        if not train:
+            continue
+        name = os.path.basename(os.path.normpath(w))
+        steps = [r["step"] for r in train]
+        axes[0].plot(steps, [r["batch_max_abs"] for r in train], label=name)
+        axes[1].plot(steps, [max(r.get("embedding", 0.0), 1e-7) for r in train], label=name)
+    axes[0].set(yscale="log", xlabel="step", ylabel="largest |x| in the batch (residual sums)",
+                title="Outlier size during the retrofit")
+    axes[1].set(yscale="log", xlabel="step", ylabel="1 − cos to the original's embedding",
+                title="Distillation loss")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workdirs", nargs="+")
+    parser.add_argument("--png", default="")
+    args = parser.parse_args(argv)
+    rows = collect(args.workdirs)
+    print(format_table(rows, list(rows[0]) if rows else []))
+    layers = per_layer_rows(args.workdirs)
+    if layers:
+        print()
+        print(format_table(layers, list(layers[0])))
+    if args.png:
+        print(f"wrote {plot_curves(args.workdirs, args.png)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
