@@ -66,7 +66,8 @@ def test_bad_settings_are_refused():
 
 def _result(changes, fp=10.0):
     return {"fp": {"perplexity": fp}, "bit_sweep": {"rows": [
-        {"act_bits": b, "granularity": "per_tensor", "loss_change": c} for b, c in changes.items()]}}
+        {"act_bits": b, "granularity": "per_tensor", "loss_change": c}
+        for b, c in changes.items()]}}
 
 
 def test_goal_and_first_breaking_bit_width():

@@ -12,7 +12,6 @@ and report the mean over seeds; per-token settings are dynamic (no calibration, 
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -99,13 +98,3 @@ def bit_sweep(model: nn.Module, params: Any, eval_batches: Sequence[Batch],
     return {"metric": metric, "fp": {"loss": fp["loss"], metric: fp[metric]},
             "weight_bits": base.weight_bits, "rows": rows}
 
-
-def loss_ratio(vanilla_change: float, other_change: float, floor: float = 1e-4) -> float:
-    """How many times more a method loses than another (degradations in nats, floored so that a
-    method that loses nothing gives a large finite ratio rather than a division by zero)."""
-    return float(max(vanilla_change, 0.0) / max(other_change, floor))
-
-
-def perplexity_of(loss: float) -> float:
-    """exp(loss), capped like quant.evaluate.summarize."""
-    return math.exp(min(loss, 700.0))

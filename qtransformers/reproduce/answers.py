@@ -9,8 +9,7 @@ perplexity ratio of exp(change)) over the activation bit widths of the bit sweep
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 # A quantized setting "breaks" a model when it costs at least this many nats per token (the
 # perplexity grows by >= 5%) or, for retrieval, at least this many points of recall@1.
@@ -189,6 +188,3 @@ def answer_lines(part1: Mapping[str, Any] | None, results: Mapping[str, Mapping[
     lines += part2_lines(results, metric, verdict)
     return lines
 
-
-def is_finite(values: Sequence[float]) -> bool:
-    return all(math.isfinite(v) for v in values)

@@ -37,7 +37,8 @@ from qtransformers.quant.config import get_preset
 from qtransformers.quant.evaluate import evaluate_ptq
 from qtransformers.reproduce import analysis, plots
 from qtransformers.reproduce.part1 import run_part1, validate_part1
-from qtransformers.reproduce.sweep_stage import sweep_run, validate_bit_sweep
+from qtransformers.reproduce.sweep_stage import (combine_sweeps, sweep_run,
+                                                  validate_bit_sweep)
 from qtransformers.reproduce.report import build_report, write_report
 from qtransformers.train import run_identity
 
@@ -309,6 +310,9 @@ def run_reproduce(config: ml_collections.ConfigDict, workdir: str, *,
                                 "config.json"))["resolved_model"]).family
     metric = METRIC_OF[family]
     results = {m: combine_seeds(r, metric) for m, r in per_method.items()}
+    for method, per_seed in per_method.items():  # the bit sweep, averaged over training seeds
+        if per_seed[0].get("bit_sweep"):
+            results[method]["bit_sweep"] = combine_sweeps([r["bit_sweep"] for r in per_seed])
     figures = write_figures(workdir, results)
     if part1 is not None:
         from qtransformers.reproduce.plots_part1 import write_part1_figures

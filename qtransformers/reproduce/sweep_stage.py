@@ -103,3 +103,28 @@ def sweep_run(cfg: ml_collections.ConfigDict, run_dir: str, rcfg: ml_collections
         json.dump(result, f, indent=1, default=float)
     os.replace(tmp, path)
     return result
+
+
+def combine_sweeps(sweeps: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's sweep over training seeds: FP and every setting's loss averaged (the metric
+    is exp of the mean loss for perplexity, the mean for accuracy), loss_change recomputed."""
+    import math
+    import numpy as np
+    first = sweeps[0]
+    metric = first["metric"]
+    mean = lambda values: float(np.mean(values))  # noqa: E731
+    fp_loss = mean([s["fp"]["loss"] for s in sweeps])
+
+    def metric_of(key: str, losses: list[float], values: list[float]) -> float:
+        return math.exp(min(mean(losses), 700.0)) if key == "perplexity" else mean(values)
+
+    rows = []
+    for i, row in enumerate(first["rows"]):
+        losses = [s["rows"][i]["loss"] for s in sweeps]
+        rows.append(dict(row, loss=mean(losses), loss_change=mean(losses) - fp_loss,
+                         per_seed=[v for s in sweeps for v in s["rows"][i]["per_seed"]],
+                         **{metric: metric_of(metric, losses,
+                                              [s["rows"][i][metric] for s in sweeps])}))
+    fp = {"loss": fp_loss, metric: metric_of(metric, [s["fp"]["loss"] for s in sweeps],
+                                             [s["fp"][metric] for s in sweeps])}
+    return dict(first, fp=fp, rows=rows, training_seeds=len(sweeps))
