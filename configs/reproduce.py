@@ -3,7 +3,8 @@
   qtransformers reproduce --config configs/reproduce.py:PRESET --workdir DIR [--config.x=y ...]
 
 Presets:
-  main       the default of `qtransformers reproduce` (~20 min on 2 CPU cores): Part 1, the
+  main       the default of `qtransformers reproduce` (estimated ~11 min + retrofits on 2 idle
+             CPU cores, docs/results.md §9): Part 1, the
              real pretrained all-MiniLM-L6-v2 (outliers, W8A8 / A6 retrieval, retrofits when
              qtransformers.retrofit is installed), and Part 2, vanilla / clipped / gated
              trained from scratch on the Wikipedia summaries with a bit-width sweep (A8, A6,

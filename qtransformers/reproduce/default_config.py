@@ -1,7 +1,8 @@
 """The default `qtransformers reproduce` experiment (preset 'main'), and the earlier default
 ('classic' = 'cpu').
 
-'main' = Part 1 + Part 2, about 20 minutes on a 2-core CPU:
+'main' = Part 1 + Part 2, under 20 minutes on an idle 2-core CPU (estimated ~11 min + the
+retrofits; docs/results.md §9):
 - Part 1 (reproduce.part1, see reproduce/part1.py): the real pretrained all-MiniLM-L6-v2 (the
   `real` extra): its outliers (layer, site, channel, tokens) and what per-tensor W8A8 / A6 and
   per-token W8A8 do to its retrieval over 300 Wikipedia summaries; the retrofitted gated /
