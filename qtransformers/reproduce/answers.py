@@ -19,6 +19,7 @@ BREAK_RECALL_POINTS = 2.0
 GOAL_RATIO = 3.0
 GOAL_BITS = (6, 4)
 RATIO_FLOOR_NATS = 1e-3  # a method that loses less than this counts as losing this much
+HURT_NATS = 0.01  # below this, vanilla is not hurt and a ratio to it says nothing
 
 
 def _sweep_rows(result: Mapping[str, Any], granularity: str) -> dict[int, dict[str, Any]]:
@@ -39,6 +40,17 @@ def loss_change(result: Mapping[str, Any], bits: int, granularity: str = "per_te
                 ) -> float | None:
     row = _sweep_rows(result, granularity).get(bits)
     return None if row is None else float(row["loss_change"])
+
+
+def nats(value: float) -> str:
+    """A loss change as '+0.127' ('+0.000' for changes that round to zero, never '-0.000')."""
+    return "+0.000" if abs(value) < 5e-4 else f"{value:+.3f}"
+
+
+def _versus(vanilla: float, other: float) -> str:
+    if vanilla < HURT_NATS:
+        return "vanilla not hurt"
+    return f"{ratio(vanilla, other):.1f}x less"
 
 
 def ratio(vanilla: float, other: float) -> float:
@@ -137,11 +149,11 @@ def part2_lines(results: Mapping[str, Mapping[str, Any]], metric: str,
     has_sweep = bool(vanilla.get("bit_sweep"))
     if has_sweep:
         rows = _sweep_rows(vanilla, "per_tensor")
-        changes = ", ".join(f"A{b} {rows[b]['loss_change']:+.3f}" for b in sorted(rows,
-                                                                                reverse=True))
+        changes = ", ".join(f"A{b} {nats(rows[b]['loss_change'])}"
+                            for b in sorted(rows, reverse=True))
         first = first_breaking_bits(vanilla)
         tok = _sweep_rows(vanilla, "per_token")
-        tok_text = (", per-token " + ", ".join(f"A{b} {tok[b]['loss_change']:+.3f}"
+        tok_text = (", per-token " + ", ".join(f"A{b} {nats(tok[b]['loss_change'])}"
                                               for b in sorted(tok, reverse=True))) if tok else ""
         lines.append(f"- Quantization (vanilla, W8, per-tensor activations): {changes}{tok_text}."
                      " " + (f"It breaks (>= {BREAK_NATS:g} nats) from **A{first}** down."
@@ -159,7 +171,7 @@ def part2_lines(results: Mapping[str, Mapping[str, Any]], metric: str,
             for bits in GOAL_BITS:
                 v, o = loss_change(vanilla, bits), loss_change(result, bits)
                 if v is not None and o is not None:
-                    cells.append(f"A{bits} {o:+.3f} vs {v:+.3f} ({ratio(v, o):.1f}x less)")
+                    cells.append(f"A{bits} {nats(o)} vs {nats(v)} ({_versus(v, o)})")
             fixes.append(f"{method}: " + ", ".join(cells))
         else:
             fixes.append(f"{method}: W8A8 {result['w8a8']['loss_change']:+.4f} nats vs "

@@ -166,8 +166,8 @@ def retrofit_available() -> tuple[bool, str]:
     """(whether qtransformers.retrofit with run_retrofit imports, why not)."""
     try:
         module = importlib.import_module(RETROFIT_MODULE)
-    except ImportError as err:
-        return False, f"{RETROFIT_MODULE} is not part of this installation ({err})"
+    except ImportError:
+        return False, f"{RETROFIT_MODULE} (issue 17) is not installed"
     if not hasattr(module, "run_retrofit"):
         return False, f"{RETROFIT_MODULE} has no run_retrofit"
     return True, ""

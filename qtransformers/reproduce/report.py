@@ -7,7 +7,7 @@ import math
 import os
 from typing import Any, Mapping
 
-from qtransformers.reproduce.answers import answer_lines, goal_status
+from qtransformers.reproduce.answers import answer_lines, goal_status, nats
 
 # Paper Table 2 (paper.md §7): FP, max inf-norm, avg kurtosis, W8A8 (ppl, or top-1 % for ViT).
 PAPER_TABLE: dict[str, dict[str, dict[str, float]]] = {
@@ -133,7 +133,7 @@ def _sweep_table(report: Mapping[str, Any]) -> list[str]:
     for method, sweep in sweeps.items():
         cells = {(r["act_bits"], r["granularity"]): r for r in sweep["rows"]}
         lines.append(f"| {method} | {_fmt(sweep['fp'][metric], 2)} | " + " | ".join(
-            f"{_fmt(cells[k][metric], 2)} ({cells[k]['loss_change']:+.3f})" if k in cells
+            f"{_fmt(cells[k][metric], 2)} ({nats(cells[k]['loss_change'])})" if k in cells
             else "—" for k in keys) + " |")
     low = report["paper"]["low_bit"]
     lines += ["", "The paper's low-bit numbers (BERT-base, MSE ranges, Table 8; perplexity, "
