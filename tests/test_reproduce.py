@@ -41,8 +41,9 @@ def _config():
                             num_calib_batches=2, calib_batch_size=8)
     config.reproduce.bit_sweep.update(act_bits=(4,), ptq_seeds=(0,))
     config.reproduce.part1 = part1_lib.part1_section(
-        checkpoint=f"pkg:{MODEL_DIST}", num_articles=12, seq_len=32, batch_size=8,
-        num_calib_batches=2, probe_batches=1, act_bits=(), retrofit_methods=("gated",))
+        checkpoint=f"pkg:{MODEL_DIST}", num_articles=12, eval_fraction=0.5, seq_len=32,
+        batch_size=8, num_calib_batches=2, probe_batches=1, act_bits=(),
+        retrofit_methods=("gated,penalty=1e-2",), retrofit_steps=2)
     return config
 
 
@@ -114,14 +115,19 @@ def test_report_answers_part1_and_part2(reproduced):
     assert configs == ["FP", "W8A8 per-tensor", "W8A8 per-token"]
     assert all(0.0 <= m["recall@1"] <= 1.0 for m in minilm["metrics"])
     assert minilm["num_articles"] == 12 and len(minilm["sites"]) > 10
-    assert saved["part1"]["retrofit"]["gated"]["status"] == "unavailable"
+    retrofit = saved["part1"]["retrofit"]["gated,penalty=1e-2"]
+    assert retrofit["status"] == "done" and retrofit["result"]["steps"] == 2
+    # measured on the same held-out articles as the original above
+    assert retrofit["result"]["after"]["fp"]["num_articles"] == minilm["num_articles"]
+    row = part1_lib.retrofit_row(retrofit)
+    assert all(row[k] is not None for k in ("fp", "w8a8", "max_abs"))
 
     text = open(os.path.join(workdir, "report.md")).read()
     lines = text.splitlines()
     assert lines[2] == "## The answers"  # the answers come first
     answers = "\n".join(saved["answers"])
     for needle in ("Outliers:", "Quantization", "Each method", "Full-precision cost",
-                   "Part 1", "Part 2", "Retrofits", "not run"):
+                   "Part 1", "Part 2", "Retrofits", "gated,penalty=1e-2: FP"):
         assert needle in answers, needle
     assert answers in text and saved["verdict"]["text"] in text
     assert "| vanilla |" in text and "Bit-width sweep" in text and "W6A6" in text
@@ -234,7 +240,7 @@ def test_retrofit_slot_calls_run_retrofit_when_importable(reproduced, tmp_path, 
     monkeypatch.setitem(sys.modules, "qtransformers.retrofit",
                         types.SimpleNamespace(run_retrofit=run_retrofit))
     p1 = _config().reproduce.part1
-    p1.update(retrofit_config=str(config_file), retrofit_steps=7)
+    p1.update(retrofit_config=str(config_file), retrofit_steps=7, retrofit_methods=("gated",))
     out = part1_lib.run_part1(p1, workdir, log=lambda m: None)
     assert seen == [("gated", 7, f"pkg:{MODEL_DIST}", 12, "retrofit_gated")]
     assert part1_lib.retrofit_row(out["retrofit"]["gated"]) == {
