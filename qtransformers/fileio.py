@@ -12,6 +12,7 @@ files that grow are staged locally and copied (see qtransformers.train.writers).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from typing import Union
@@ -174,3 +175,26 @@ def move(source: PathLike, destination: PathLike) -> None:
         return
     src = as_path(source)
     _remote_call(src.rename, source, as_path(destination))
+
+
+def _jsonable(value):
+    """json.dump's fallback: NumPy / JAX arrays and scalars as lists / numbers, else str."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def read_json(path: PathLike):
+    """The JSON value stored at `path`."""
+    return json.loads(read_text(path))
+
+
+def write_json(path: PathLike, value) -> None:
+    """Writes `value` as JSON (arrays as lists) whole: a local file through a temporary file and
+    a rename, so a killed run never leaves a half-written record; a remote one in one write."""
+    text = json.dumps(value, indent=1, default=_jsonable)
+    if is_remote(path):
+        write_text(path, text)
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -91,6 +91,15 @@ def test_path_helpers_keep_urls_and_local_behaviour(gcs, tmp_path):
     assert os.listdir(tmp_path) == ["local.txt"]
 
 
+def test_json_records_local_and_remote(gcs, tmp_path):
+    import numpy as np
+    value = {"a": np.float32(1.5), "b": np.arange(3), "c": [1, "x"]}
+    for path in (str(tmp_path / "r.json"), f"{RUN}/r.json"):
+        fileio.write_json(path, value)
+        assert fileio.read_json(path) == {"a": 1.5, "b": [0, 1, 2], "c": [1, "x"]}
+    assert os.listdir(tmp_path) == ["r.json"]  # the temporary file was renamed away
+
+
 def test_metric_writer_stages_locally_and_copies(gcs, caplog):
     writer = writers.MetricWriter(RUN, sync_every_secs=0.0)
     staging = writer.local_dir

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 import ml_collections
 import numpy as np
 
+from qtransformers import fileio
 from qtransformers.train import run_identity
 
 MEASURE_FIELDS = ("checkpoint", "num_articles", "eval_fraction", "seq_len", "batch_size",
@@ -76,24 +77,6 @@ def validate_part1(rcfg: ml_collections.ConfigDict) -> None:
                          "--config.reproduce.part1.enabled=False.") from None
 
 
-def _read(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _write(path: str, value: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, default=_jsonable)
-    os.replace(tmp, path)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return str(value)
 
 
 def measure_fingerprint(p1: ml_collections.ConfigDict) -> str:
@@ -214,16 +197,16 @@ def _run_retrofits(p1: ml_collections.ConfigDict, folder: str,
                                                                      default=list)))
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", method)  # 'gated,penalty=3e-3' -> a file name
         path = os.path.join(folder, f"retrofit_{name}.json")
-        if os.path.exists(path) and _read(path).get("fingerprint") == fingerprint:
+        if os.path.exists(path) and fileio.read_json(path).get("fingerprint") == fingerprint:
             log(f"part 1: retrofit {method}: done already, reusing {path}")
-            out[method] = _read(path)
+            out[method] = fileio.read_json(path)
             continue
         log(f"part 1: retrofitting {method} ({p1.retrofit_steps} steps)")
         start = time.time()
         result = run_retrofit(cfg, os.path.join(folder, f"retrofit_{name}"))
         out[method] = {"status": "done", "result": result, "fingerprint": fingerprint,
                        "seconds": time.time() - start}
-        _write(path, out[method])
+        fileio.write_json(path, out[method])
     return out
 
 
@@ -235,7 +218,7 @@ def run_part1(p1: ml_collections.ConfigDict, workdir: str,
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "minilm.json")
     fingerprint = measure_fingerprint(p1)
-    minilm = _read(path) if os.path.exists(path) else None
+    minilm = fileio.read_json(path) if os.path.exists(path) else None
     if minilm is not None and minilm.get("fingerprint") == fingerprint:
         log(f"part 1: {p1.checkpoint} measured already, reusing {path}")
     else:
@@ -245,7 +228,7 @@ def run_part1(p1: ml_collections.ConfigDict, workdir: str,
         minilm = measure_encoder(task, build_model(model_cfg), params, p1, log)
         minilm.update(checkpoint=p1.checkpoint, resolved=source.path, fingerprint=fingerprint,
                       model=dict(num_layers=model_cfg.num_layers, d_model=model_cfg.d_model))
-        _write(path, minilm)
+        fileio.write_json(path, minilm)
     return {"minilm": minilm, "retrofit": _run_retrofits(p1, folder, log)}
 
 

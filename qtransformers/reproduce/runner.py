@@ -48,17 +48,6 @@ log = logging.getLogger("qtransformers.reproduce")
 CONFIG_SECTIONS = ("optim", "train", "data")
 
 
-def _read_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _write_json(path: str, value: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, default=float)
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written marker
-
 
 class Preempted(Exception):
     """A run stopped by SIGTERM after saving a checkpoint; rerunning the command continues."""
@@ -295,9 +284,9 @@ def run_reproduce(config: ml_collections.ConfigDict, workdir: str, *,
             if metrics.get("preempted"):
                 raise Preempted(f"{method} seed {seed} preempted at step {metrics.get('step')}, "
                                 "rerun the same command to continue.")
-            _write_json(done, dict(metrics, wall_seconds=time.time() - t0, fingerprint=train_fp,
+            fileio.write_json(done, dict(metrics, wall_seconds=time.time() - t0, fingerprint=train_fp,
                                    num_steps=cfg.train.num_steps))
-        result = _read_json(evaluated) if os.path.exists(evaluated) else None
+        result = fileio.read_json(evaluated) if os.path.exists(evaluated) else None
         if result is not None and result.get("fingerprint") != eval_fp:
             log.info("%s: its evaluation was made with other settings; evaluating again", tag)
             result = None
@@ -308,11 +297,11 @@ def run_reproduce(config: ml_collections.ConfigDict, workdir: str, *,
             result = evaluate_run(cfg, run_dir, rcfg)
             result["eval_seconds"] = time.time() - t0
             result["fingerprint"] = eval_fp
-            _write_json(evaluated, result)
+            fileio.write_json(evaluated, result)
         sweep = sweep_run(cfg, run_dir, rcfg, train_fp, lambda m: log.info("%s: %s", tag, m))
         if sweep is not None:
             result = dict(result, bit_sweep=sweep)
-        trained = _read_json(done)
+        trained = fileio.read_json(done)
         timings[f"{method}-seed{seed}"] = dict(
             steps=int(trained.get("step", cfg.train.num_steps)),
             train_s=round(trained.get("wall_seconds", 0.0), 1),
@@ -320,7 +309,7 @@ def run_reproduce(config: ml_collections.ConfigDict, workdir: str, *,
         per_method.setdefault(method, []).append(result)
 
     family = ModelConfig.from_dict(
-        _read_json(os.path.join(workdir, "runs", f"{runs[0][0]}-seed{runs[0][1]}",
+        fileio.read_json(os.path.join(workdir, "runs", f"{runs[0][0]}-seed{runs[0][1]}",
                                 "config.json"))["resolved_model"]).family
     metric = get_task(family).headline_metric
     results = {m: combine_seeds(r, metric) for m, r in per_method.items()}

@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from qtransformers import fileio
 from qtransformers.quant.bit_sweep import bit_sweep, check_settings
 from qtransformers.quant.config import get_preset
 from qtransformers.train import run_identity
@@ -72,11 +73,11 @@ def sweep_run(cfg: ml_collections.ConfigDict, run_dir: str, rcfg: ml_collections
     path = os.path.join(run_dir, SWEEP_FILE)
     fingerprint = sweep_fingerprint(train_fingerprint, rcfg)
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = fileio.read_json(path)
         if saved.get("fingerprint") == fingerprint:
             return saved
     from qtransformers import data as data_lib
+    from qtransformers.evals.data import calibration_seed
     from qtransformers.evaluate.checkpoints import restore_trainer_workdir
     from qtransformers.models import build_model
     start = time.time()
@@ -88,7 +89,7 @@ def sweep_run(cfg: ml_collections.ConfigDict, run_dir: str, rcfg: ml_collections
 
     def calibration(seed: int) -> list[dict[str, Any]]:
         it = data_lib.make_train_iterator(cfg.data, global_batch_size=rcfg.calib_batch_size,
-                                          seed=10_000 + seed, workdir=run_dir)
+                                          seed=calibration_seed(seed), workdir=run_dir)
         return [next(it) for _ in range(rcfg.num_calib_batches)]
 
     base = get_preset(rcfg.bit_sweep.preset).replace(
@@ -98,10 +99,7 @@ def sweep_run(cfg: ml_collections.ConfigDict, run_dir: str, rcfg: ml_collections
     result.update(preset=rcfg.bit_sweep.preset, fingerprint=fingerprint,
                   seconds=time.time() - start)
     log(f"bit sweep: {len(settings)} settings in {result['seconds']:.0f} s")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1, default=float)
-    os.replace(tmp, path)
+    fileio.write_json(path, result)
     return result
 
 

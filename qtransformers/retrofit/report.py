@@ -34,15 +34,19 @@ def _row(name: str, m: dict[str, Any], steps: int, seconds: float | None) -> dic
             "train s": None if seconds is None else round(seconds)}
 
 
+def _finished(workdirs: Sequence[str]):
+    """(workdir, its final.json) for each finished workdir, in the given order."""
+    for w in workdirs:
+        path = os.path.join(w, "final.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                yield w, json.load(f)
+
+
 def collect(workdirs: Sequence[str]) -> list[dict[str, Any]]:
     """Table rows of the finished workdirs (those with final.json), in the given order."""
     rows = []
-    for w in workdirs:
-        path = os.path.join(w, "final.json")
-        if not os.path.isfile(path):
-            continue
-        with open(path, encoding="utf-8") as f:
-            final = json.load(f)
+    for w, final in _finished(workdirs):
         name = os.path.basename(os.path.normpath(w))
         if final.get("before"):
             rows.append(_row(f"{name} (step 0)", final["before"], 0, None))
@@ -54,12 +58,8 @@ def collect(workdirs: Sequence[str]) -> list[dict[str, Any]]:
 def per_layer_rows(workdirs: Sequence[str], site: str = "mlp_residual") -> list[dict[str, Any]]:
     """One row per finished workdir: max |x| / kurtosis of `site` in every layer (after)."""
     rows = []
-    for w in workdirs:
-        path = os.path.join(w, "final.json")
-        if not os.path.isfile(path):
-            continue
-        with open(path, encoding="utf-8") as f:
-            layers = json.load(f)["after"]["outliers"]["per_layer"]
+    for w, final in _finished(workdirs):
+        layers = final["after"]["outliers"]["per_layer"]
         row: dict[str, Any] = {"setting": os.path.basename(os.path.normpath(w))}
         for r in layers:
             if r["site"] == site:
