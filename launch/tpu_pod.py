@@ -125,7 +125,7 @@ def plan_run(ns: argparse.Namespace, overrides: Sequence[str]) -> list[common.St
     envs = "".join(f"export {shlex.quote(e)}; " for e in ns.env)
     prefix = (
         f"set -o pipefail; cd {remote_path(ns.remote_dir)} || exit 1; mkdir -p logs; "
-        "p=$(cat logs/train.pid 2>/dev/null) && ps -p \"$p\" -o args= | grep -q qtransformers "
+        "p=$(cat logs/train.pid 2>/dev/null) && ps -ww -p \"$p\" -o args= | grep -q qtransformers "
         f"&& kill -9 \"$p\"; {KILL_TPU_HOLDERS}; "
         f". {remote_path(ns.venv)}/bin/activate || exit 1; {envs}"
     )

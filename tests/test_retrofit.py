@@ -210,6 +210,20 @@ def test_distillation_losses_and_penalties_match_numpy():
         pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("arg", ["vanilla", "gated", "clipped", "gated,penalty=3e-3,pi_init=0.25",
+                                 "clipped,penalty=3e-3,gamma=-0.05"])
+def test_config_file_presets_validate(arg):
+    from qtransformers.retrofit.config import validate
+    from qtransformers.train.config import load_config_file
+    config = load_config_file(os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "configs", "retrofit_minilm.py"), arg)
+    validate(config)
+    method = arg.split(",")[0]
+    assert (config.model.gate not in (None, "none")) == (method == "gated")  # None: the source's
+    assert (config.model.softmax == "clipped") == (method == "clipped")
+    assert config.retrofit.penalty == (3e-3 if "penalty" in arg else 0.0)
+
+
 def test_parameter_groups():
     params = {"encoder": {"layers_0": {"attention": {"gate": {"kernel": 0, "bias": 0},
                                                      "query": {"kernel": 0}},
