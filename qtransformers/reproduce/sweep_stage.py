@@ -76,21 +76,20 @@ def sweep_run(cfg: ml_collections.ConfigDict, run_dir: str, rcfg: ml_collections
         saved = fileio.read_json(path)
         if saved.get("fingerprint") == fingerprint:
             return saved
-    from qtransformers import data as data_lib
-    from qtransformers.evals.data import calibration_seed
+    from qtransformers.evals.data import DataConfigEvalData
     from qtransformers.evaluate.checkpoints import restore_trainer_workdir
     from qtransformers.models import build_model
+    from qtransformers.models.tasks import get_task
     start = time.time()
     model_cfg, params, _ = restore_trainer_workdir(run_dir)
     model = build_model(model_cfg)
-    eval_it = data_lib.make_eval_iterator(cfg.data, batch_size=rcfg.eval_batch_size,
-                                          workdir=run_dir)
-    evals = [batch for _, batch in zip(range(rcfg.num_eval_batches), eval_it)]
+    # the batches reproduce's evaluators read (eval split; calibration_seed(s) training rows)
+    data = DataConfigEvalData(get_task(model_cfg), cfg.data, rcfg.eval_batch_size,
+                              workdir=run_dir)
+    evals = data.eval_batches(rcfg.num_eval_batches)
 
     def calibration(seed: int) -> list[dict[str, Any]]:
-        it = data_lib.make_train_iterator(cfg.data, global_batch_size=rcfg.calib_batch_size,
-                                          seed=calibration_seed(seed), workdir=run_dir)
-        return [next(it) for _ in range(rcfg.num_calib_batches)]
+        return data.calibration_batches(seed, rcfg.num_calib_batches, rcfg.calib_batch_size)
 
     base = get_preset(rcfg.bit_sweep.preset).replace(
         num_calibration_batches=rcfg.num_calib_batches,
