@@ -12,6 +12,8 @@ Arguments (comma-separated, a bare word is the method):
   gate: the gate variant ('mlp' as the paper's BERT; 'linear'); pi_init; gamma (clipped).
   penalty: λ of the max|x| penalty on every residual sum (0 = off); sites: residual |
     block_output | both; kurtosis: λ of the kurtosis penalty.
+  wclip: k of the weight clip (every pretrained kernel / embedding table kept within ±k·σ of its
+    source tensor; 0 = off).
   hidden: weight of the per-layer hidden-state MSE (besides the 1 − cos embedding loss).
   steps, lr, wd_ln (1: weight decay on the LayerNorm scales), trainable (all | attention | new),
   seed.
@@ -25,7 +27,7 @@ from qtransformers.train.config import parse_config_arg
 def get_config(arg=None):
     """The retrofit config for `arg` (see the module docstring)."""
     a = parse_config_arg(arg, method="vanilla", gate="mlp", pi_init="0.5", gamma="-0.025",
-                         penalty="0", sites="residual", kurtosis="0", hidden="0", steps="200",
+                         penalty="0", sites="residual", wclip="0", kurtosis="0", hidden="0", steps="200",
                          lr="5e-5", wd_ln="0", trainable="all", seed="0")
     config = default_config()
     config.seed = int(a["seed"])
@@ -40,6 +42,7 @@ def get_config(arg=None):
         raise ValueError(f"method {a['method']!r} is unknown; use vanilla, gated or clipped.")
     config.retrofit.penalty = float(a["penalty"])
     config.retrofit.penalty_sites = a["sites"]
+    config.retrofit.weight_clip = float(a["wclip"])
     config.retrofit.kurtosis_penalty = float(a["kurtosis"])
     config.retrofit.hidden_weight = float(a["hidden"])
     config.retrofit.trainable = a["trainable"]

@@ -163,9 +163,48 @@ def test_run_retrofit_workdir_reuse_resume_and_workdir_as_init_from(on_path, tmp
     gated = _tiny_config(str(first))
     gated.model.update(gate="linear", gate_init=0.5)
     gated.train.num_steps = 2
+    gated.retrofit.weight_clip = 2.0
     result = run_retrofit(gated, str(tmp_path / "b"), log=lambda _: None)
     assert result["student"]["gate"] == "linear" and result["student"]["gate_scale"] == 2.0
     assert 0.0 < result["train"]["gate_mean"] < 1.0
+    assert {"w8_only", "a8_only"} <= set(result["after"])
+    # The weight clip held through training: every kernel / embedding within 2σ of its source.
+    from flax.traverse_util import flatten_dict
+    before = flatten_dict(source.params, sep="/")
+    after = flatten_dict(load_source_model(str(tmp_path / "b")).params, sep="/")
+    clipped = [k for k in before if k.endswith(("kernel", "embedding"))]
+    assert clipped and all(np.abs(after[k]).max() <= 2.0 * np.std(before[k]) * (1 + 1e-6)
+                           for k in clipped)
+    assert any(np.abs(before[k]).max() > 2.0 * np.std(before[k]) for k in clipped)
+
+
+def test_weight_clip_bounds_and_projection():
+    from qtransformers.retrofit.constraints import clip_bounds, clip_weights
+    rng = np.random.default_rng(1)
+    params = {"layers_0": {"mlp": {"kernel": rng.normal(size=(4, 6)) * 0.1,
+                                   "bias": rng.normal(size=(6,)) * 9},
+                           "ln": {"scale": rng.normal(size=(6,)) * 9},
+                           "attention": {"gate": {"kernel": rng.normal(size=(3, 2)) * 9}}},
+              "word_embeddings": {"embedding": rng.normal(size=(5, 6))}}
+    params = jax.tree_util.tree_map(lambda x: x.astype(np.float32), params)
+    params["layers_0"]["mlp"]["kernel"][1, 2] = 5.0  # the outlier weight
+    bounds = clip_bounds(params, 3.0)
+    k = params["layers_0"]["mlp"]["kernel"]
+    assert bounds["layers_0"]["mlp"]["kernel"] == pytest.approx(3.0 * np.std(k))
+    assert bounds["layers_0"]["mlp"]["bias"] is None and bounds["layers_0"]["ln"]["scale"] is None
+    assert bounds["layers_0"]["attention"]["gate"]["kernel"] is None  # the retrofit's own
+    out = jax.jit(lambda p: clip_weights(p, bounds))(params)
+    np.testing.assert_allclose(out["layers_0"]["mlp"]["kernel"],
+                               np.clip(k, -3.0 * np.std(k), 3.0 * np.std(k)), rtol=1e-6)
+    assert float(out["layers_0"]["mlp"]["kernel"][1, 2]) < 5.0
+    for path in (("layers_0", "mlp", "bias"), ("layers_0", "ln", "scale"),
+                 ("layers_0", "attention", "gate", "kernel")):
+        a, b = params, out
+        for p in path:
+            a, b = a[p], b[p]
+        np.testing.assert_array_equal(np.asarray(b), a)
+    assert all(b is None for b in jax.tree_util.tree_leaves(
+        clip_bounds(params, 0.0), is_leaf=lambda b: b is None))
 
 
 def test_distillation_losses_and_penalties_match_numpy():

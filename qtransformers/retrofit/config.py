@@ -10,7 +10,9 @@ Sections and fields (configs/retrofit_minilm.py sets them for MiniLM):
     embedding_weight (1 − cos of pooled embeddings), hidden_weight (per-layer MSE of block
     outputs), logits_weight + logits_temperature (KL on MLM / LM logits; needs a head);
     penalty (λ of max_abs_penalty), penalty_sites 'residual' | 'block_output' | 'both';
-    kurtosis_penalty (its λ); trainable 'all' | 'attention' (only attention sublayers + gates)
+    kurtosis_penalty (its λ); weight_clip k (> 0: every pretrained kernel / embedding table is
+    kept within ±k·σ of its source tensor, at step 0 and after every update;
+    retrofit.constraints); trainable 'all' | 'attention' (only attention sublayers + gates)
     | 'new' (only the gates).
   optim: lr, new_lr (the gates' lr; 0 = lr), weight_decay, new_weight_decay, decay_ln_scale
     (decay LayerNorm scales too), b1, b2, eps, warmup_steps, schedule 'linear' | 'cosine' |
@@ -53,7 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.retrofit = ml_collections.ConfigDict(dict(
         gate_kernel_std=0.01, embedding_weight=1.0, hidden_weight=0.0, logits_weight=0.0,
         logits_temperature=1.0, penalty=0.0, penalty_sites="residual", kurtosis_penalty=0.0,
-        trainable="all"))
+        trainable="all", weight_clip=0.0))
     c.optim = ml_collections.ConfigDict(dict(
         lr=5e-5, new_lr=5e-4, weight_decay=0.01, new_weight_decay=0.0, decay_ln_scale=False,
         b1=0.9, b2=0.999, eps=1e-8, warmup_steps=30, schedule="linear", min_lr_ratio=0.0,
@@ -89,6 +91,8 @@ def validate(config: Any) -> None:
         (t.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (r.gate_kernel_std >= 0, "retrofit.gate_kernel_std must be >= 0"),
+        (r.weight_clip == 0 or r.weight_clip >= 1, "retrofit.weight_clip must be 0 (off) or "
+         ">= 1 (the bound in standard deviations of each source tensor)"),
         (min(r.embedding_weight, r.hidden_weight, r.logits_weight, r.penalty,
              r.kurtosis_penalty) >= 0, "retrofit weights and penalties must be >= 0"),
         (r.logits_temperature > 0, "retrofit.logits_temperature must be > 0"),

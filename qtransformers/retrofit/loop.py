@@ -39,6 +39,7 @@ import numpy as np
 from qtransformers.commandline import UserError
 from qtransformers.models import build_model
 from qtransformers.retrofit import objectives as obj
+from qtransformers.retrofit.constraints import clip_bounds, clip_weights
 from qtransformers.retrofit.config import architecture_of, method_of, validate
 from qtransformers.retrofit.data import TrainBatches, held_out_task, training_texts
 from qtransformers.retrofit.measure import measure, quick_recall
@@ -90,9 +91,10 @@ def _tokenizer(folder: str, max_length: int) -> Any:
                         "data.tokenizer to a folder with tokenizer.json or vocab.txt.") from None
 
 
-def make_train_step(student: Any, teacher: Any, tx: Any, r: Any):
+def make_train_step(student: Any, teacher: Any, tx: Any, r: Any, bounds: Any = None):
     """The jitted update (params, opt_state, teacher_params, batch) -> (params, opt_state,
-    metrics); r is config.retrofit."""
+    metrics); r is config.retrofit; bounds (retrofit.constraints.clip_bounds): the weight clip
+    applied after every update (None: no clip)."""
     weights = {"embedding": r.embedding_weight, "hidden": r.hidden_weight,
                "logits": r.logits_weight, "max_abs": r.penalty, "kurtosis": r.kurtosis_penalty}
 
@@ -124,6 +126,8 @@ def make_train_step(student: Any, teacher: Any, tx: Any, r: Any):
         updates, opt_state = tx.update(grads, opt_state, params)
         import optax
         params = optax.apply_updates(params, updates)
+        if bounds is not None:
+            params = clip_weights(params, bounds)
         metrics["grad_norm"] = optax.global_norm(grads)
         return params, opt_state, metrics
     return step
@@ -221,6 +225,10 @@ def run_retrofit(config: Any, workdir: str, log: Any = print) -> dict[str, Any]:
                         "hidden_weight.")
     student_cfg, params = retrofit_model(source.config, source.params, method_of(config),
                                          r.gate_kernel_std, config.seed)
+    bounds = None  # the weight clip's bounds come from the source's tensors (same on resume)
+    if r.weight_clip:
+        bounds = clip_bounds(params, r.weight_clip)
+        params = clip_weights(params, bounds)
     tokenizer_folder = d.tokenizer or source.tokenizer_folder
     if not tokenizer_folder:
         raise UserError(f"init_from {t.init_from} records no tokenizer; set data.tokenizer to "
@@ -271,8 +279,8 @@ def run_retrofit(config: Any, workdir: str, log: Any = print) -> dict[str, Any]:
     if before is not None:
         _write_json(os.path.join(workdir, "before.json"), before)
 
-    train_step = make_train_step(student, teacher, tx, r)
     teacher_params = source.params
+    train_step = make_train_step(student, teacher, tx, r, bounds)
     train_start, last = time.time(), {}
     for step in range(step0 + 1, t.num_steps + 1):
         batch = batches.batch(step - 1)

@@ -4,6 +4,8 @@ measure(task, model, params, ...) -> {
   'fp': {'recall@1', 'recall@10', 'mrr', ...},
   'w8a8': the same under paper W8A8 (per-tensor static ranges, preset w8a8_bert) + 'cos mean',
   'w8a{bits}': the same at act_bits (per-tensor),
+  'w8_only' / 'a8_only' (split=True): W8A8's weights alone (activations at 16 bits) and its
+    activations alone (weights at 16 bits): which half of W8A8 loses the recall,
   'outliers': {'max_abs': the largest max|x| over all token sites, 'site': where,
                'channel': its top channel, 'peak_over_median': that site's max|x| over the
                median of its channels' max|x|, 'cls_share': the share of probe texts whose
@@ -44,12 +46,17 @@ def outlier_summary(task: Any, model: Any, params: Any, probe_batches: int) -> d
 
 def measure(task: Any, model: Any, params: Any, *, probe_batches: int = 4,
             calib_batches: int = 8, act_bits: int = 6, seed: int = 0,
-            outliers: bool = True) -> dict[str, Any]:
-    """FP / W8A8 / W8A{act_bits} retrieval and the outlier summary (see module docstring)."""
+            outliers: bool = True, split: bool = True) -> dict[str, Any]:
+    """FP / W8A8 / W8A{act_bits} (/ W8 only / A8 only) retrieval and the outlier summary (see
+    module docstring)."""
     fp = task.embed(model, params)
     out: dict[str, Any] = {"fp": task.metrics(fp)}
     base = get_preset(task.default_preset).replace(num_calibration_batches=calib_batches)
-    for name, config in (("w8a8", base), (f"w8a{act_bits}", base.replace(act_bits=act_bits))):
+    configs = [("w8a8", base), (f"w8a{act_bits}", base.replace(act_bits=act_bits))]
+    if split:
+        configs += [("w8_only", base.replace(act_bits=16)), ("a8_only", base.replace(
+            weight_bits=16))]
+    for name, config in configs:
         r = task.evaluate_config(model, params, config, fp=fp, seed=seed)
         out[name] = {**r["metrics"], "cos mean": r["cosine"]["mean"]}
     if outliers:

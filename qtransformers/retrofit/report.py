@@ -5,6 +5,7 @@
 Table rows (one per workdir, `after` of final.json; a row 'NAME (step 0)' for its `before` when
 measured): steps, [CLS] outlier (site / channel, max|x|), peak / median channel (of that site,
 and the largest over all token sites), max kurtosis, FP / W8A8 / W8A{bits} recall@1 and @10,
+W8A8's weights alone (W8 only) and activations alone (A8 only) where measured,
 W8A8 − FP in points, train seconds. Curves: per workdir, the penalty sites' largest |x| in the
 training batch and the distillation loss (1 − cos) over the steps (metrics.jsonl).
 """
@@ -20,6 +21,8 @@ from qtransformers.evaluate.report import format_table
 
 def _row(name: str, m: dict[str, Any], steps: int, seconds: float | None) -> dict[str, Any]:
     low = next(k for k in m if k.startswith("w8a") and k != "w8a8")
+    split = {f"{k.replace('_only', '').upper()} only R@1": m[k]["recall@1"] if k in m else None
+             for k in ("w8_only", "a8_only")}
     o = m["outliers"]
     site = o["site"].replace("encoder/", "").replace("layers_", "L")
     return {"setting": name, "steps": steps,
@@ -29,7 +32,7 @@ def _row(name: str, m: dict[str, Any], steps: int, seconds: float | None) -> dic
             "max kurtosis": round(o["max_kurtosis"], 0),
             "FP R@1": m["fp"]["recall@1"], "FP R@10": m["fp"]["recall@10"],
             "W8A8 R@1": m["w8a8"]["recall@1"], "W8A8 R@10": m["w8a8"]["recall@10"],
-            f"{low.upper()} R@1": m[low]["recall@1"],
+            f"{low.upper()} R@1": m[low]["recall@1"], **split,
             "W8A8−FP (pt)": round(100 * (m["w8a8"]["recall@1"] - m["fp"]["recall@1"]), 1),
             "train s": None if seconds is None else round(seconds)}
 
