@@ -13,7 +13,7 @@ held-out retrieval task (retrofit.measure) before (eval.before) and after.
 Workdir: config.json ({'config', 'resolved_model' (the student), 'source', 'tokenizer_folder'};
 so the workdir is also a valid init_from and `evaluate --checkpoint` source), metrics.jsonl
 (split 'train' every log_every steps: loss terms, lr, the batch's largest max|x| over the
-penalty sites and the gate statistics; 'curve' every eval.every steps; 'before' / 'after'),
+penalty sites and the gate statistics; 'curve' at step 0 and every eval.every steps; 'before' / 'after'),
 checkpoints/ (orbax: state = {'params', 'opt_state' leaves, 'step'}, every checkpoint_every
 steps and at the end), final.json (the returned dict) and `done`.
 A workdir holding `done` and the same config returns its final.json without work; one holding
@@ -282,6 +282,9 @@ def run_retrofit(config: Any, workdir: str, log: Any = print) -> dict[str, Any]:
     teacher_params = source.params
     train_step = make_train_step(student, teacher, tx, r, bounds)
     train_start, last = time.time(), {}
+    if curve_task is not None and step0 == 0:
+        curve = quick_recall(curve_task, eval_model, encoder_view(student_cfg, params)[1])
+        writer.write(0, "curve", curve)
     for step in range(step0 + 1, t.num_steps + 1):
         batch = batches.batch(step - 1)
         params, opt_state, metrics = train_step(params, opt_state, teacher_params, batch)

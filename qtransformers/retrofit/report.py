@@ -7,7 +7,8 @@ measured): steps, [CLS] outlier (site / channel, max|x|), peak / median channel 
 and the largest over all token sites), max kurtosis, FP / W8A8 / W8A{bits} recall@1 and @10,
 W8A8's weights alone (W8 only) and activations alone (A8 only) where measured,
 W8A8 − FP in points, train seconds. Curves: per workdir, the penalty sites' largest |x| in the
-training batch and the distillation loss (1 − cos) over the steps (metrics.jsonl).
+training batch, the distillation loss (1 − cos) and, where eval.every was set, FP / W8A8
+recall@1 on the curve articles over the steps (metrics.jsonl).
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def plot_curves(workdirs: Sequence[str], png: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for w in workdirs:
         path = os.path.join(w, "metrics.jsonl")
         if not os.path.isfile(path):
@@ -91,11 +92,21 @@ def plot_curves(workdirs: Sequence[str], png: str) -> str:
         steps = [r["step"] for r in train]
         axes[0].plot(steps, [r["batch_max_abs"] for r in train], label=name)
         axes[1].plot(steps, [max(r.get("embedding", 0.0), 1e-7) for r in train], label=name)
+        curve = [r for r in rows if r.get("split") == "curve"]
+        if curve:
+            line, = axes[2].plot([r["step"] for r in curve], [r["fp_recall@1"] for r in curve],
+                                 label=f"{name} FP")
+            axes[2].plot([r["step"] for r in curve], [r["w8a8_recall@1"] for r in curve], "--",
+                         color=line.get_color(), label=f"{name} W8A8")
     axes[0].set(yscale="log", xlabel="step", ylabel="largest |x| in the batch (residual sums)",
                 title="Outlier size during the retrofit")
     axes[1].set(yscale="log", xlabel="step", ylabel="1 − cos to the original's embedding",
                 title="Distillation loss")
+    axes[2].set(xlabel="step", ylabel="recall@1 (eval.curve_articles held-out articles)",
+                title="Retrieval during the retrofit (solid FP, dashed W8A8)")
     axes[0].legend(fontsize=6)
+    if axes[2].lines:
+        axes[2].legend(fontsize=6)
     fig.tight_layout()
     os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
     fig.savefig(png, dpi=110)
