@@ -27,8 +27,8 @@ from qtransformers.train.config import parse_config_arg
 def get_config(arg=None):
     """The retrofit config for `arg` (see the module docstring)."""
     a = parse_config_arg(arg, method="vanilla", gate="mlp", pi_init="0.5", gamma="-0.025",
-                         penalty="0", sites="residual", wclip="0", kurtosis="0", hidden="0", steps="200",
-                         lr="5e-5", wd_ln="0", trainable="all", seed="0")
+                         penalty="0", sites="residual", wclip="0", kurtosis="0", hidden="0",
+                         steps="200", lr="5e-5", wd_ln="0", trainable="all", seed="0")
     config = default_config()
     config.seed = int(a["seed"])
     if a["method"] == "gated":

@@ -176,6 +176,15 @@ def test_run_retrofit_workdir_reuse_resume_and_workdir_as_init_from(on_path, tmp
     assert clipped and all(np.abs(after[k]).max() <= 2.0 * np.std(before[k]) * (1 + 1e-6)
                            for k in clipped)
     assert any(np.abs(before[k]).max() > 2.0 * np.std(before[k]) for k in clipped)
+    # The report: one row per finished workdir, W8A8 − FP in points, split columns when measured.
+    from qtransformers.retrofit.report import collect, plot_curves
+    rows = collect([str(first), str(tmp_path / "b"), str(tmp_path / "missing")])
+    assert [r["setting"] for r in rows] == ["a", "b"]
+    a = final["after"]
+    assert rows[0]["W8A8−FP (pt)"] == round(100 * (a["w8a8"]["recall@1"] - a["fp"]["recall@1"]), 1)
+    assert rows[1]["W8 only R@1"] == result["after"]["w8_only"]["recall@1"]
+    assert os.path.getsize(plot_curves([str(first), str(tmp_path / "b")],
+                                       str(tmp_path / "c.png"))) > 0
 
 
 def test_weight_clip_bounds_and_projection():
