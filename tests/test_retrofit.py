@@ -183,6 +183,14 @@ def test_run_retrofit_workdir_reuse_resume_and_workdir_as_init_from(on_path, tmp
     a = final["after"]
     assert rows[0]["W8A8−FP (pt)"] == round(100 * (a["w8a8"]["recall@1"] - a["fp"]["recall@1"]), 1)
     assert rows[1]["W8 only R@1"] == result["after"]["w8_only"]["recall@1"]
+    rows = collect([str(tmp_path / "b")], baseline=str(first))
+    assert rows[0]["FP−orig (pt)"] == round(100 * (result["after"]["fp"]["recall@1"]
+                                                   - a["fp"]["recall@1"]), 1)
+    from qtransformers.retrofit.report import goals
+    row = {"FP R@1": 0.887, "W8A8−FP (pt)": -1.0, "max peak/median": 50.0}
+    assert goals(row, 0.897) == "FP✓ W8A8✓ peak✓"  # the bounds themselves pass
+    assert goals({**row, "FP R@1": 0.88, "W8A8−FP (pt)": -1.3, "max peak/median": 51},
+                 0.897) == "FP✗ W8A8✗ peak✗"
     assert os.path.getsize(plot_curves([str(first), str(tmp_path / "b")],
                                        str(tmp_path / "c.png"))) > 0
 

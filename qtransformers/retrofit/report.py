@@ -6,7 +6,8 @@ Table rows (one per workdir, `after` of final.json; a row 'NAME (step 0)' for it
 measured): steps, [CLS] outlier (site / channel, max|x|), peak / median channel (of that site,
 and the largest over all token sites), max kurtosis, FP / W8A8 / W8A{bits} recall@1 and @10,
 W8A8's weights alone (W8 only) and activations alone (A8 only) where measured,
-W8A8 − FP in points, train seconds. Curves: per workdir, the penalty sites' largest |x| in the
+W8A8 − FP in points, train seconds; with --baseline (the original's workdir) FP − original in
+points and issue 17's three goals met or not (GOALS). Curves: per workdir, the penalty sites' largest |x| in the
 training batch, the distillation loss (1 − cos) and, where eval.every was set, FP / W8A8
 recall@1 on the curve articles over the steps (metrics.jsonl).
 """
@@ -15,9 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from qtransformers.evaluate.report import format_table
+
+# Issue 17's goals: FP recall@1 at most 1 point below the original's, per-tensor W8A8 recall@1
+# within 1 point of FP, max |x| over the median channel's ≤ 50× at every token site.
+GOALS = {"fp_drop": 1.0, "w8a8_gap": 1.0, "peak_over_median": 50.0}
 
 
 def _row(name: str, m: dict[str, Any], steps: int, seconds: float | None) -> dict[str, Any]:
@@ -47,15 +52,42 @@ def _finished(workdirs: Sequence[str]):
                 yield w, json.load(f)
 
 
-def collect(workdirs: Sequence[str]) -> list[dict[str, Any]]:
-    """Table rows of the finished workdirs (those with final.json), in the given order."""
+def goals(row: Mapping[str, Any], baseline_fp: float) -> str:
+    """Issue 17's three goals for one table row, as 'FP W8A8 peak' with ✓ / ✗ each: FP recall@1
+    at most GOALS['fp_drop'] points below the original's (baseline_fp), W8A8 recall@1 at most
+    GOALS['w8a8_gap'] points below the row's FP, max |x| / median ≤ GOALS['peak_over_median']
+    at every token site."""
+    eps = 1e-9  # recall is a multiple of 1/N: 'at most 1 point' includes exactly 1
+    fp_ok = 100 * (baseline_fp - row["FP R@1"]) <= GOALS["fp_drop"] + eps
+    w8a8_ok = -row["W8A8−FP (pt)"] <= GOALS["w8a8_gap"] + eps
+    peak_ok = row["max peak/median"] <= GOALS["peak_over_median"]
+    return " ".join(f"{name}{'✓' if ok else '✗'}" for name, ok in
+                    (("FP", fp_ok), ("W8A8", w8a8_ok), ("peak", peak_ok)))
+
+
+def collect(workdirs: Sequence[str], baseline: str | None = None) -> list[dict[str, Any]]:
+    """Table rows of the finished workdirs (those with final.json), in the given order.
+
+    baseline: a finished workdir (e.g. the original, steps=0): adds 'FP−orig (pt)' and the
+    'goals' column (goals())."""
+    base_fp = None
+    if baseline is not None:
+        found = list(_finished([baseline]))
+        if not found:
+            raise ValueError(f"--baseline {baseline} holds no final.json")
+        base_fp = found[0][1]["after"]["fp"]["recall@1"]
     rows = []
     for w, final in _finished(workdirs):
         name = os.path.basename(os.path.normpath(w))
-        if final.get("before"):
-            rows.append(_row(f"{name} (step 0)", final["before"], 0, None))
-        rows.append(_row(name, final["after"], final["steps"],
-                         final["train_seconds"] if final["steps"] else None))
+        entries = [(f"{name} (step 0)", final["before"], 0, None)] if final.get("before") else []
+        entries.append((name, final["after"], final["steps"],
+                        final["train_seconds"] if final["steps"] else None))
+        for entry in entries:
+            row = _row(*entry)
+            if base_fp is not None:
+                row["FP−orig (pt)"] = round(100 * (row["FP R@1"] - base_fp), 1)
+                row["goals"] = goals(row, base_fp)
+            rows.append(row)
     return rows
 
 
@@ -118,8 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdirs", nargs="+")
     parser.add_argument("--png", default="")
+    parser.add_argument("--baseline", default=None,
+                        help="the original's finished workdir: adds FP−orig and the goals column")
     args = parser.parse_args(argv)
-    rows = collect(args.workdirs)
+    rows = collect(args.workdirs, args.baseline)
     print(format_table(rows, list(rows[0]) if rows else []))
     layers = per_layer_rows(args.workdirs)
     if layers:
