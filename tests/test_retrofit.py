@@ -176,6 +176,16 @@ def test_run_retrofit_workdir_reuse_resume_and_workdir_as_init_from(on_path, tmp
     assert clipped and all(np.abs(after[k]).max() <= 2.0 * np.std(before[k]) * (1 + 1e-6)
                            for k in clipped)
     assert any(np.abs(before[k]).max() > 2.0 * np.std(before[k]) for k in clipped)
+    # steps=0: the post-hoc clip alone, saved so that the workdir is an init_from too.
+    posthoc = _tiny_config(f"pkg:{DIST}", num_steps=0)
+    posthoc.retrofit.weight_clip = 2.0
+    run_retrofit(posthoc, str(tmp_path / "c"), log=lambda _: None)
+    original = flatten_dict(load_source_model(f"pkg:{DIST}").params, sep="/")
+    clipped_only = flatten_dict(load_source_model(str(tmp_path / "c")).params, sep="/")
+    for k, w in original.items():
+        bound = 2.0 * np.std(np.asarray(w, np.float64))
+        expected = np.clip(w, -bound, bound) if k.endswith(("kernel", "embedding")) else w
+        np.testing.assert_allclose(clipped_only[k], expected, rtol=1e-6, atol=1e-7)
     # The report: one row per finished workdir, W8A8 − FP in points, split columns when measured.
     from qtransformers.retrofit.report import collect, plot_curves
     rows = collect([str(first), str(tmp_path / "b"), str(tmp_path / "missing")])

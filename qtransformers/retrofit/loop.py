@@ -306,7 +306,7 @@ def run_retrofit(config: Any, workdir: str, log: Any = print) -> dict[str, Any]:
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.num_steps:
             checkpoints.save(step, params, opt_state)
     train_seconds = time.time() - train_start
-    if t.num_steps > step0:
+    if t.num_steps > step0 or restored is None:  # steps=0 too: the workdir stays an init_from
         checkpoints.save(t.num_steps, params, opt_state)
     after = measure(task, eval_model, encoder_view(student_cfg, params)[1], **mkw)
     writer.write(t.num_steps, "after", _flat_metrics(after))
