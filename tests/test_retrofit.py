@@ -318,3 +318,22 @@ def test_command_errors_are_one_line(on_path, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and words in err, err
     assert main(["qtransformers retrofit", "--help"]) == 0
     assert "init_from" in capsys.readouterr().out
+
+
+def test_diagnose_weight_rows_match_numpy():
+    from qtransformers.retrofit.diagnose import weight_rows
+    rng = np.random.default_rng(2)
+    kernel = rng.normal(size=(64, 32)) * 0.05
+    kernel[3, 7] = 5.0  # ~41σ of this tensor: beyond every SIGMAS bound
+    params = {"mlp": {"kernel": kernel, "bias": rng.normal(size=(32,)) * 50},
+              "emb": {"embedding": rng.normal(size=(16, 32))}}
+    rows, beyond = weight_rows(params, top=5)
+    assert [r["tensor"] for r in rows] == ["mlp/kernel", "emb/embedding"]  # bias: not a weight
+    scale = np.abs(kernel).max() / 127
+    q = np.clip(np.round(kernel / scale), -128, 127) * scale
+    assert rows[0]["W8 rel. error"] == round(np.linalg.norm(q - kernel) / np.linalg.norm(kernel),
+                                             4)
+    assert rows[0]["max |w|"] == 5.0
+    expected = int((np.abs(kernel) > 30 * kernel.std()).sum()) + int(
+        (np.abs(params["emb"]["embedding"]) > 30 * params["emb"]["embedding"].std()).sum())
+    assert beyond[30] == (expected, 1) and expected >= 1

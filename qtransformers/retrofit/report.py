@@ -27,7 +27,7 @@ GOALS = {"fp_drop": 1.0, "w8a8_gap": 1.0, "peak_over_median": 50.0}
 
 def _row(name: str, m: dict[str, Any], steps: int, seconds: float | None) -> dict[str, Any]:
     low = next(k for k in m if k.startswith("w8a") and k != "w8a8")
-    split = {f"{k.replace('_only', '').upper()} only R@1": m[k]["recall@1"] if k in m else None
+    split = {f"{k.replace('_only', '').upper()} only R@1": m[k]["recall@1"] if k in m else "-"
              for k in ("w8_only", "a8_only")}
     o = m["outliers"]
     site = o["site"].replace("encoder/", "").replace("layers_", "L")
@@ -40,7 +40,7 @@ def _row(name: str, m: dict[str, Any], steps: int, seconds: float | None) -> dic
             "W8A8 R@1": m["w8a8"]["recall@1"], "W8A8 R@10": m["w8a8"]["recall@10"],
             f"{low.upper()} R@1": m[low]["recall@1"], **split,
             "W8A8−FP (pt)": round(100 * (m["w8a8"]["recall@1"] - m["fp"]["recall@1"]), 1),
-            "train s": None if seconds is None else round(seconds)}
+            "train s": "-" if seconds is None else round(seconds)}
 
 
 def _finished(workdirs: Sequence[str]):
@@ -111,7 +111,8 @@ def plot_curves(workdirs: Sequence[str], png: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    for w in workdirs:
+    for index, w in enumerate(workdirs):
+        color = f"C{index % 10}"  # one colour per workdir in every panel
         path = os.path.join(w, "metrics.jsonl")
         if not os.path.isfile(path):
             continue
@@ -122,14 +123,15 @@ def plot_curves(workdirs: Sequence[str], png: str) -> str:
             continue
         name = os.path.basename(os.path.normpath(w))
         steps = [r["step"] for r in train]
-        axes[0].plot(steps, [r["batch_max_abs"] for r in train], label=name)
-        axes[1].plot(steps, [max(r.get("embedding", 0.0), 1e-7) for r in train], label=name)
+        axes[0].plot(steps, [r["batch_max_abs"] for r in train], label=name, color=color)
+        axes[1].plot(steps, [max(r.get("embedding", 0.0), 1e-7) for r in train], label=name,
+                     color=color)
         curve = [r for r in rows if r.get("split") == "curve"]
         if curve:
-            line, = axes[2].plot([r["step"] for r in curve], [r["fp_recall@1"] for r in curve],
-                                 label=f"{name} FP")
+            axes[2].plot([r["step"] for r in curve], [r["fp_recall@1"] for r in curve],
+                         color=color, label=f"{name} FP")
             axes[2].plot([r["step"] for r in curve], [r["w8a8_recall@1"] for r in curve], "--",
-                         color=line.get_color(), label=f"{name} W8A8")
+                         color=color, label=f"{name} W8A8")
     axes[0].set(yscale="log", xlabel="step", ylabel="largest |x| in the batch (residual sums)",
                 title="Outlier size during the retrofit")
     axes[1].set(yscale="log", xlabel="step", ylabel="1 − cos to the original's embedding",
