@@ -19,6 +19,7 @@ import argparse
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from qtransformers.evaluate.report import format_table
@@ -47,17 +48,21 @@ def quantization_rows(task: Any, model: Any, params: Any, ptq_seeds: int,
     return rows
 
 
-def weight_rows(params: Any, top: int) -> tuple[list[dict[str, Any]], dict[int, tuple[int, int]]]:
-    """(the `top` tensors by per-tensor W8 min-max relative error, {k: (entries beyond kσ,
+def weight_rows(params: Any, top: int, preset: str = "w8a8_bert"
+                ) -> tuple[list[dict[str, Any]], dict[int, tuple[int, int]]]:
+    """(the `top` tensors by their relative error under `preset`'s weight quantizer
+    (quant.params.quantize_weight; per-tensor min-max W8 for w8a8_bert), {k: (entries beyond kσ,
     tensors holding them)}) over the tensors retrofit.constraints clips."""
+    from qtransformers.quant.config import get_preset
+    from qtransformers.quant.params import quantize_weight
+    config = get_preset(preset)
     rows, beyond = [], {k: [0, 0] for k in SIGMAS}
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         name = path_to_str(path)
         if not is_clipped(name):
             continue
         w = np.asarray(leaf, np.float64)
-        scale = np.abs(w).max() / 127 or 1.0
-        q = np.clip(np.round(w / scale), -128, 127) * scale
+        q = np.asarray(quantize_weight(jnp.asarray(leaf, jnp.float32), name, config), np.float64)
         rows.append({"tensor": name, "W8 rel. error": round(float(
             np.linalg.norm(q - w) / np.linalg.norm(w)), 4), "max |w|": round(float(
                 np.abs(w).max()), 3), "median |w|": round(float(np.median(np.abs(w))), 4)})
@@ -80,13 +85,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--top", type=int, default=8)
     args = parser.parse_args(argv)
+    from qtransformers.commandline import UserError
     from qtransformers.models import build_model
     from qtransformers.retrofit.data import held_out_task
     from qtransformers.retrofit.loop import _tokenizer, encoder_view
     from qtransformers.retrofit.source import load_source_model
+    if args.wclip and args.wclip < 1 or args.ptq_seeds < 1 or args.calib_batches < 1:
+        parser.exit(2, "diagnose: --wclip must be 0 or >= 1, --ptq_seeds and --calib_batches "
+                       ">= 1.\n")
+    sources = []
+    for spec in args.models:  # every model loads before any work
+        try:
+            sources.append(load_source_model(spec))
+        except UserError as err:
+            parser.exit(2, f"diagnose: {err}\n")
     task = None
-    for spec in args.models:
-        source = load_source_model(spec)
+    for spec, source in zip(args.models, sources):
         cfg, params = encoder_view(source.config, source.params)
         if args.wclip:
             params = clip_weights(params, clip_bounds(params, args.wclip))

@@ -155,7 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baseline", default=None,
                         help="the original's finished workdir: adds FP−orig and the goals column")
     args = parser.parse_args(argv)
-    rows = collect(args.workdirs, args.baseline)
+    try:
+        rows = collect(args.workdirs, args.baseline)
+    except ValueError as err:
+        parser.exit(2, f"report: {err}; give the original's finished workdir.\n")
     print(format_table(rows, list(rows[0]) if rows else []))
     layers = per_layer_rows(args.workdirs)
     if layers:
