@@ -25,6 +25,7 @@ import numpy as np
 from qtransformers.evaluate.report import format_table
 from qtransformers.pytree import path_to_str
 from qtransformers.retrofit.constraints import clip_bounds, clip_weights, is_clipped
+from qtransformers.retrofit.measure import split_configs
 
 SIGMAS = (10, 15, 20, 30)
 
@@ -37,8 +38,8 @@ def quantization_rows(task: Any, model: Any, params: Any, ptq_seeds: int,
     base = get_preset(task.default_preset).replace(num_calibration_batches=calib_batches)
     rows = [{"setting": "FP", "recall@1": task.metrics(fp)["recall@1"], "cos mean": 1.0}]
     settings = [(f"W8A8 PTQ seed {s}", base, s) for s in range(ptq_seeds)]
-    settings += [("W8 only (A16)", base.replace(act_bits=16), 0),
-                 ("A8 only (W16)", base.replace(weight_bits=16), 0),
+    split = split_configs(base)
+    settings += [("W8 only (A16)", split["w8_only"], 0), ("A8 only (W16)", split["a8_only"], 0),
                  ("W8 per-channel + A8", base.replace(weight_granularity="per_channel"), 0),
                  ("W8A8 per-token A", base.replace(act_granularity="per_token"), 0)]
     for name, config, seed in settings:

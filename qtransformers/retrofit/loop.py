@@ -13,7 +13,8 @@ held-out retrieval task (retrofit.measure) before (eval.before) and after.
 Workdir: config.json ({'config', 'resolved_model' (the student), 'source', 'tokenizer_folder'};
 so the workdir is also a valid init_from and `evaluate --checkpoint` source), metrics.jsonl
 (split 'train' every log_every steps: loss terms, lr, the batch's largest max|x| over the
-penalty sites and the gate statistics; 'curve' at step 0 and every eval.every steps; 'before' / 'after'),
+penalty sites and the gate statistics; 'curve' at step 0 and every eval.every steps; 'before' /
+'after'),
 checkpoints/ (orbax: state = {'params', 'opt_state' leaves, 'step'}, every checkpoint_every
 steps and at the end), final.json (the returned dict) and `done`.
 A workdir holding `done` and the same config returns its final.json without work; one holding

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from qtransformers.evaluate.quantizability import ATTENTION_KINDS, outlier_tokens, site_table
-from qtransformers.quant.config import get_preset
+from qtransformers.quant.config import QuantConfig, get_preset
 
 PER_LAYER_SITES = ("attention_residual", "mlp_residual", "mlp_ln/output")
 
@@ -44,6 +44,11 @@ def outlier_summary(task: Any, model: Any, params: Any, probe_batches: int) -> d
             "per_layer": sorted(per_layer, key=lambda r: (int(r["layer"]), r["site"]))}
 
 
+def split_configs(config: QuantConfig) -> dict[str, QuantConfig]:
+    """{'w8_only': config with activations at 16 bits, 'a8_only': weights at 16 bits}."""
+    return {"w8_only": config.replace(act_bits=16), "a8_only": config.replace(weight_bits=16)}
+
+
 def measure(task: Any, model: Any, params: Any, *, probe_batches: int = 4,
             calib_batches: int = 8, act_bits: int = 6, seed: int = 0,
             outliers: bool = True, split: bool = True) -> dict[str, Any]:
@@ -54,8 +59,7 @@ def measure(task: Any, model: Any, params: Any, *, probe_batches: int = 4,
     base = get_preset(task.default_preset).replace(num_calibration_batches=calib_batches)
     configs = [("w8a8", base), (f"w8a{act_bits}", base.replace(act_bits=act_bits))]
     if split:
-        configs += [("w8_only", base.replace(act_bits=16)), ("a8_only", base.replace(
-            weight_bits=16))]
+        configs += list(split_configs(base).items())
     for name, config in configs:
         r = task.evaluate_config(model, params, config, fp=fp, seed=seed)
         out[name] = {**r["metrics"], "cos mean": r["cosine"]["mean"]}

@@ -7,9 +7,9 @@ measured): steps, [CLS] outlier (site / channel, max|x|), peak / median channel 
 and the largest over all token sites), max kurtosis, FP / W8A8 / W8A{bits} recall@1 and @10,
 W8A8's weights alone (W8 only) and activations alone (A8 only) where measured,
 W8A8 − FP in points, train seconds; with --baseline (the original's workdir) FP − original in
-points and issue 17's three goals met or not (GOALS). Curves: per workdir, the penalty sites' largest |x| in the
-training batch, the distillation loss (1 − cos) and, where eval.every was set, FP / W8A8
-recall@1 on the curve articles over the steps (metrics.jsonl).
+points and issue 17's three goals met or not (GOALS). Curves: per workdir, the penalty sites'
+largest |x| in the training batch, the distillation loss (1 − cos) and, where eval.every was
+set, FP / W8A8 recall@1 on the curve articles over the steps (metrics.jsonl).
 """
 from __future__ import annotations
 
