@@ -18,6 +18,18 @@ from qtransformers.convert.sentence_transformers import pad_ids
 from qtransformers.evaluate.embedding import EmbeddingTask
 
 
+def encoder_tokenizer(folder: str, max_length: int) -> Any:
+    """The EncoderTokenizer of a model folder (tokenizer.json or vocab.txt), truncating to
+    max_length tokens; UserError (one line) when the folder has none."""
+    from qtransformers.commandline import UserError
+    from qtransformers.convert import EncoderTokenizer, describe_encoder_folder
+    try:
+        return EncoderTokenizer.from_folder(describe_encoder_folder(folder), max_length)
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(f"tokenizer folder {folder}: {str(err).splitlines()[0]}; set "
+                        "data.tokenizer to a folder with tokenizer.json or vocab.txt.") from None
+
+
 def training_texts(eval_fraction: float) -> list[str]:
     """Queries and documents of the training split's inverse-cloze pairs, in title order."""
     from qtransformers.data import wikipedia

@@ -88,10 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from qtransformers.commandline import UserError
     from qtransformers.models import build_model
-    from qtransformers.retrofit.data import held_out_task
-    from qtransformers.retrofit.loop import _tokenizer, encoder_view
+    from qtransformers.retrofit.data import encoder_tokenizer, held_out_task
+    from qtransformers.retrofit.loop import encoder_view
     from qtransformers.retrofit.source import load_source_model
-    if args.wclip and args.wclip < 1 or args.ptq_seeds < 1 or args.calib_batches < 1:
+    if (args.wclip and args.wclip < 1) or args.ptq_seeds < 1 or args.calib_batches < 1:
         parser.exit(2, "diagnose: --wclip must be 0 or >= 1, --ptq_seeds and --calib_batches "
                        ">= 1.\n")
     sources = []
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, params = encoder_view(source.config, source.params)
         if args.wclip:
             params = clip_weights(params, clip_bounds(params, args.wclip))
-        task = task or held_out_task(_tokenizer(source.tokenizer_folder, args.max_tokens),
+        task = task or held_out_task(encoder_tokenizer(source.tokenizer_folder, args.max_tokens),
                                      args.eval_fraction, args.num_articles)
         label = spec + (f" (clipped at {args.wclip:g}σ)" if args.wclip else "")
         print(f"\n## {label}\n")

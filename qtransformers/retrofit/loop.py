@@ -42,7 +42,8 @@ from qtransformers.models import build_model
 from qtransformers.retrofit import objectives as obj
 from qtransformers.retrofit.constraints import clip_bounds, clip_weights
 from qtransformers.retrofit.config import architecture_of, method_of, validate
-from qtransformers.retrofit.data import TrainBatches, held_out_task, training_texts
+from qtransformers.retrofit.data import (TrainBatches, encoder_tokenizer, held_out_task,
+                                         training_texts)
 from qtransformers.retrofit.measure import measure, quick_recall
 from qtransformers.retrofit.optim import make_retrofit_optimizer
 from qtransformers.retrofit.source import check_architecture, load_source_model, retrofit_model
@@ -81,15 +82,6 @@ def encoder_view(cfg: Any, params: Any) -> tuple[Any, Any]:
     if cfg.pooling is not None:
         return cfg, params
     return cfg.replace(pooling="mean"), {k: v for k, v in params.items() if k != "mlm_head"}
-
-
-def _tokenizer(folder: str, max_length: int) -> Any:
-    from qtransformers.convert import EncoderTokenizer, describe_encoder_folder
-    try:
-        return EncoderTokenizer.from_folder(describe_encoder_folder(folder), max_length)
-    except (ValueError, FileNotFoundError) as err:
-        raise UserError(f"tokenizer folder {folder}: {str(err).splitlines()[0]}; set "
-                        "data.tokenizer to a folder with tokenizer.json or vocab.txt.") from None
 
 
 def make_train_step(student: Any, teacher: Any, tx: Any, r: Any, bounds: Any = None):
@@ -235,8 +227,8 @@ def run_retrofit(config: Any, workdir: str, log: Any = print) -> dict[str, Any]:
         raise UserError(f"init_from {t.init_from} records no tokenizer; set data.tokenizer to "
                         "the folder of its tokenizer.json / vocab.txt.")
     try:
-        train_tok = _tokenizer(tokenizer_folder, t.seq_len)
-        eval_tok = _tokenizer(tokenizer_folder, d.eval_max_tokens)
+        train_tok = encoder_tokenizer(tokenizer_folder, t.seq_len)
+        eval_tok = encoder_tokenizer(tokenizer_folder, d.eval_max_tokens)
         texts = training_texts(d.eval_fraction)
         task = held_out_task(eval_tok, d.eval_fraction, d.num_eval_articles)
         curve_task = (held_out_task(eval_tok, d.eval_fraction, e.curve_articles)
